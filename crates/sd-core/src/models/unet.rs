@@ -1,0 +1,1 @@
+//! unet (in progress)

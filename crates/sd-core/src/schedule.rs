@@ -1,0 +1,1 @@
+//! Noise schedules (in progress)
