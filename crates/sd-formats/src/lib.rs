@@ -4,3 +4,7 @@
 //! `.ckpt`/`.pt`/`.bin` files read by a pickle reader that never executes anything, dtypes,
 //! Diffusers model folders, the LDM (single-file) <-> Diffusers key tables and model-family
 //! detection. Does not own: any arithmetic on tensors (sd-core does that with libtorch).
+
+pub mod diffusers;
+pub mod family;
+pub mod keymap;
