@@ -46,7 +46,8 @@ impl Verbosity {
 /// Installs the stderr log subscriber: level from `-v`/`-q`, `RUST_LOG` wins when set.
 /// Lines are short (`LEVEL message`) since users read them in terminals and CI logs.
 pub fn init_logging(v: &Verbosity) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(v.default_filter()));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(v.default_filter()));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -60,11 +61,20 @@ pub fn init_logging(v: &Verbosity) {
 pub fn run(body: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
     match body() {
         Ok(code) => code,
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             report_error(&err);
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// A closed stdout (`tool | head`) ends a tool quietly, as Unix filters do.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Prints one error with its chain of causes (`a: b: c`) to stderr.
@@ -79,9 +89,10 @@ pub fn progress_bar(len: u64, what: &str, v: &Verbosity) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len);
-    let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
-        .expect("static progress template is valid")
-        .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .expect("static progress template is valid")
+            .progress_chars("=> ");
     bar.set_style(style);
     bar.set_message(what.to_owned());
     bar
@@ -96,7 +107,9 @@ pub fn parse_precision(s: &str) -> Result<Precision, String> {
         "float" | "fp32" | "float32" | "no" => Ok(Precision::F32),
         "fp16" | "float16" | "half" => Ok(Precision::F16),
         "bf16" | "bfloat16" => Ok(Precision::BF16),
-        other => Err(format!("unknown precision \"{other}\": expected float, fp16 or bf16")),
+        other => Err(format!(
+            "unknown precision \"{other}\": expected float, fp16 or bf16"
+        )),
     }
 }
 
@@ -120,6 +133,10 @@ mod tests {
         assert_eq!(parse_precision("FP16"), Ok(Precision::F16));
         assert_eq!(parse_precision("float"), Ok(Precision::F32));
         assert_eq!(parse_precision("bf16"), Ok(Precision::BF16));
-        assert!(parse_precision("int8").unwrap_err().contains("expected float, fp16 or bf16"));
+        assert!(
+            parse_precision("int8")
+                .unwrap_err()
+                .contains("expected float, fp16 or bf16")
+        );
     }
 }

@@ -24,7 +24,9 @@ pub enum WeightsError {
         keys: Vec<String>,
     },
     /// A tensor's shape differs from the model parameter's.
-    #[error("{source_name}: shape mismatch for key \"{key}\": expected {expected:?}, found {found:?}")]
+    #[error(
+        "{source_name}: shape mismatch for key \"{key}\": expected {expected:?}, found {found:?}"
+    )]
     Shape {
         /// File or component the tensors came from.
         source_name: String,
@@ -39,7 +41,11 @@ pub enum WeightsError {
 
 fn preview(keys: &[String]) -> String {
     let shown: Vec<&str> = keys.iter().take(8).map(String::as_str).collect();
-    let more = if keys.len() > 8 { format!(", … ({} more)", keys.len() - 8) } else { String::new() };
+    let more = if keys.len() > 8 {
+        format!(", … ({} more)", keys.len() - 8)
+    } else {
+        String::new()
+    };
     format!("{}{more}", shown.join(", "))
 }
 
@@ -95,14 +101,23 @@ pub fn load_var_store(
         used.insert(name.clone());
     }
     if !missing.is_empty() {
-        return Err(WeightsError::Missing { source_name: source_name.to_owned(), keys: missing });
+        return Err(WeightsError::Missing {
+            source_name: source_name.to_owned(),
+            keys: missing,
+        });
     }
     if opts.deny_unused {
-        let mut unused: Vec<String> =
-            tensors.keys().filter(|k| !used.contains(*k) && !ignore.contains(&k.as_str())).cloned().collect();
+        let mut unused: Vec<String> = tensors
+            .keys()
+            .filter(|k| !used.contains(*k) && !ignore.contains(&k.as_str()))
+            .cloned()
+            .collect();
         unused.sort();
         if !unused.is_empty() {
-            return Err(WeightsError::Unused { source_name: source_name.to_owned(), keys: unused });
+            return Err(WeightsError::Unused {
+                source_name: source_name.to_owned(),
+                keys: unused,
+            });
         }
     }
     Ok(())

@@ -19,7 +19,11 @@ pub fn fixtures_dir() -> PathBuf {
 /// it never passes vacuously).
 pub fn fixture(rel: &str) -> PathBuf {
     let p = fixtures_dir().join(rel);
-    assert!(p.exists(), "missing test fixture {} (set SD_FIXTURES to override the fixture root)", p.display());
+    assert!(
+        p.exists(),
+        "missing test fixture {} (set SD_FIXTURES to override the fixture root)",
+        p.display()
+    );
     p
 }
 
@@ -29,14 +33,22 @@ pub fn fixture(rel: &str) -> PathBuf {
 /// On a length mismatch or the first failing comparison, reporting `what`, the worst index,
 /// both values and the largest absolute error, so a failure says where and by how much.
 pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length {} != expected {}", actual.len(), expected.len());
+    assert_eq!(
+        actual.len(),
+        expected.len(),
+        "{what}: length {} != expected {}",
+        actual.len(),
+        expected.len()
+    );
     let mut worst = (0usize, 0f32, 0f32); // index, excess over tolerance, abs error
     let mut max_abs = 0f32;
     for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
         let err = (a - e).abs();
-        if !err.is_finite() && !(a.is_nan() && e.is_nan()) && a != e {
-            panic!("{what}: non-finite mismatch at index {i}: actual {a}, expected {e}");
-        }
+        let same_non_finite = a == e || (a.is_nan() && e.is_nan());
+        assert!(
+            err.is_finite() || same_non_finite,
+            "{what}: non-finite mismatch at index {i}: actual {a}, expected {e}"
+        );
         if err.is_finite() {
             max_abs = max_abs.max(err);
             let excess = err - (atol + rtol * e.abs());
