@@ -9,7 +9,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=SD_LINK_CUDA");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
-        println!("cargo:warning=DEP_TCH_LIBTORCH_LIB is not set: this package must depend on torch-sys directly");
+        println!(
+            "cargo:warning=DEP_TCH_LIBTORCH_LIB is not set: this package must depend on torch-sys directly"
+        );
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
@@ -21,10 +23,18 @@ fn main() {
     let lib_dir = std::path::Path::new(&lib);
     let has_cuda_torch = lib_dir.join("libtorch_cuda.so").exists();
     let cuda_libs_present = || {
-        let candidates = [lib_dir.to_path_buf(), lib_dir.join("../../nvidia/cu13/lib"), lib_dir.join("../../nvidia/cublas/lib")];
+        let candidates = [
+            lib_dir.to_path_buf(),
+            lib_dir.join("../../nvidia/cu13/lib"),
+            lib_dir.join("../../nvidia/cublas/lib"),
+        ];
         candidates.iter().any(|d| {
             std::fs::read_dir(d)
-                .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("libcublas.so")))
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .any(|e| e.file_name().to_string_lossy().starts_with("libcublas.so"))
+                })
                 .unwrap_or(false)
         })
     };
