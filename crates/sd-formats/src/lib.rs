@@ -5,6 +5,13 @@
 //! Diffusers model folders, the LDM (single-file) <-> Diffusers key tables and model-family
 //! detection. Does not own: any arithmetic on tensors (sd-core does that with libtorch).
 
+pub mod ckpt;
+pub mod dtype;
+pub mod error;
+pub mod pickle;
+pub mod safetensors;
+pub mod tensor_file;
+
 pub mod diffusers;
 pub mod family;
 pub mod keymap;
