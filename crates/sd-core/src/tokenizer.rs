@@ -121,16 +121,28 @@ impl PadConvention {
             if !path.exists() {
                 continue;
             }
-            let text = std::fs::read_to_string(&path).map_err(|source| TokenizerError::Io { path: path.clone(), source })?;
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| TokenizerError::Invalid { path: path.clone(), reason: e.to_string() })?;
+            let text = std::fs::read_to_string(&path).map_err(|source| TokenizerError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| TokenizerError::Invalid {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             let pad = match value.get("pad_token") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
-                Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_owned),
+                Some(serde_json::Value::Object(o)) => {
+                    o.get("content").and_then(|c| c.as_str()).map(str::to_owned)
+                }
                 _ => None,
             };
             if let Some(pad) = pad {
-                return Ok(if pad == "!" { Self::ExclamationSpecial } else { Self::EndOfText });
+                return Ok(if pad == "!" {
+                    Self::ExclamationSpecial
+                } else {
+                    Self::EndOfText
+                });
             }
         }
         Ok(Self::EndOfText)
@@ -146,7 +158,9 @@ pub struct ClipTokenizer {
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClipTokenizer").field("pad", &self.pad).finish_non_exhaustive()
+        f.debug_struct("ClipTokenizer")
+            .field("pad", &self.pad)
+            .finish_non_exhaustive()
     }
 }
 
@@ -159,7 +173,13 @@ impl ClipTokenizer {
         let name = PathBuf::from("<shipped assets/tokenizer>");
         let vocab = gunzip(SHIPPED_VOCAB_GZ, &name.join("vocab.json.gz"))?;
         let merges = gunzip(SHIPPED_MERGES_GZ, &name.join("merges.txt.gz"))?;
-        Self::from_strings(&vocab, &name.join("vocab.json"), &merges, &name.join("merges.txt"), pad)
+        Self::from_strings(
+            &vocab,
+            &name.join("vocab.json"),
+            &merges,
+            &name.join("merges.txt"),
+            pad,
+        )
     }
 
     /// The tokenizer from a `vocab.json` (token → id) and a `merges.txt` (`#version` line, then
@@ -168,7 +188,12 @@ impl ClipTokenizer {
     /// # Errors
     /// [`TokenizerError::Io`] or [`TokenizerError::Invalid`] naming the file.
     pub fn from_files(vocab: &Path, merges: &Path, pad: PadConvention) -> Result<Self> {
-        let read = |p: &Path| std::fs::read_to_string(p).map_err(|source| TokenizerError::Io { path: p.to_owned(), source });
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|source| TokenizerError::Io {
+                path: p.to_owned(),
+                source,
+            })
+        };
         Self::from_strings(&read(vocab)?, vocab, &read(merges)?, merges, pad)
     }
 
@@ -195,13 +220,26 @@ impl ClipTokenizer {
         }
     }
 
-    fn from_strings(vocab: &str, vocab_path: &Path, merges: &str, merges_path: &Path, pad: PadConvention) -> Result<Self> {
-        let vocab: HashMap<String, u32> = serde_json::from_str(vocab)
-            .map_err(|e| TokenizerError::Invalid { path: vocab_path.to_owned(), reason: format!("expected a JSON object of token ids: {e}") })?;
-        if vocab.get(BOS_TEXT) != Some(&(BOS_ID as u32)) || vocab.get(EOS_TEXT) != Some(&(EOS_ID as u32)) {
+    fn from_strings(
+        vocab: &str,
+        vocab_path: &Path,
+        merges: &str,
+        merges_path: &Path,
+        pad: PadConvention,
+    ) -> Result<Self> {
+        let vocab: HashMap<String, u32> =
+            serde_json::from_str(vocab).map_err(|e| TokenizerError::Invalid {
+                path: vocab_path.to_owned(),
+                reason: format!("expected a JSON object of token ids: {e}"),
+            })?;
+        if vocab.get(BOS_TEXT) != Some(&(BOS_ID as u32))
+            || vocab.get(EOS_TEXT) != Some(&(EOS_ID as u32))
+        {
             return Err(TokenizerError::Invalid {
                 path: vocab_path.to_owned(),
-                reason: format!("expected {BOS_TEXT} = {BOS_ID} and {EOS_TEXT} = {EOS_ID} (a CLIP vocabulary)"),
+                reason: format!(
+                    "expected {BOS_TEXT} = {BOS_ID} and {EOS_TEXT} = {EOS_ID} (a CLIP vocabulary)"
+                ),
             });
         }
         let mut merge_list = Vec::new();
@@ -212,7 +250,10 @@ impl ClipTokenizer {
             let Some((a, b)) = line.split_once(' ') else {
                 return Err(TokenizerError::Invalid {
                     path: merges_path.to_owned(),
-                    reason: format!("line {}: expected two space-separated symbols, found {line:?}", i + 1),
+                    reason: format!(
+                        "line {}: expected two space-separated symbols, found {line:?}",
+                        i + 1
+                    ),
                 });
             };
             merge_list.push((a.to_owned(), b.to_owned()));
@@ -221,9 +262,16 @@ impl ClipTokenizer {
             .vocab_and_merges(vocab.into_iter().collect::<Vocab>(), merge_list)
             .end_of_word_suffix("</w>".to_owned())
             .build()
-            .map_err(|e| TokenizerError::Invalid { path: merges_path.to_owned(), reason: e.to_string() })?;
-        let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.to_owned()), SplitDelimiterBehavior::Removed, true)
-            .map_err(|e| TokenizerError::Backend(e.to_string()))?;
+            .map_err(|e| TokenizerError::Invalid {
+                path: merges_path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let split = Split::new(
+            SplitPattern::Regex(CLIP_PATTERN.to_owned()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(|e| TokenizerError::Backend(e.to_string()))?;
         let byte_level = ByteLevel::new(false, false, false);
         let mut inner = Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), byte_level.into()])));
@@ -276,7 +324,10 @@ impl ClipTokenizer {
             // 2.–3. Clean and BPE-encode the text between special tokens.
             let cleaned = clean_text(segment);
             if !cleaned.is_empty() {
-                let enc = self.inner.encode(cleaned.as_str(), false).map_err(|e| TokenizerError::Backend(e.to_string()))?;
+                let enc = self
+                    .inner
+                    .encode(cleaned.as_str(), false)
+                    .map_err(|e| TokenizerError::Backend(e.to_string()))?;
                 ids.extend(enc.get_ids().iter().map(|&i| i64::from(i)));
             }
             if let Some(id) = special {
@@ -323,7 +374,11 @@ impl ClipTokenizer {
     ///
     /// # Source
     /// training.md §4.2; sd-scripts `TokenizeStrategy._get_input_ids`.
-    pub fn tokenize_chunks(&self, text: &str, max_token_length: Option<usize>) -> Result<Vec<Vec<i64>>> {
+    pub fn tokenize_chunks(
+        &self,
+        text: &str,
+        max_token_length: Option<usize>,
+    ) -> Result<Vec<Vec<i64>>> {
         let total = match max_token_length {
             None => return Ok(vec![self.tokenize(text, MODEL_MAX_LENGTH)?]),
             Some(n @ (150 | 225)) => n + 2,
@@ -402,7 +457,10 @@ fn gunzip(data: &[u8], name: &Path) -> Result<String> {
     let mut out = String::new();
     flate2::read::GzDecoder::new(data)
         .read_to_string(&mut out)
-        .map_err(|source| TokenizerError::Io { path: name.to_owned(), source })?;
+        .map_err(|source| TokenizerError::Io {
+            path: name.to_owned(),
+            source,
+        })?;
     Ok(out)
 }
 
@@ -431,14 +489,20 @@ fn gunzip(data: &[u8], name: &Path) -> Result<String> {
 /// where the heuristics differ (rare mixes of legitimate accented capitals and symbols) may
 /// tokenise differently.
 pub fn clean_text(text: &str) -> String {
-    let mut s = if text.contains('<') { text.to_owned() } else { html_escape::decode_html_entities(text).into_owned() };
+    let mut s = if text.contains('<') {
+        text.to_owned()
+    } else {
+        html_escape::decode_html_entities(text).into_owned()
+    };
     s = fix_mojibake(&s);
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         let cp = c as u32;
         match cp {
             0x80..=0x9F => out.push(cp1252_char(cp as u8)),
-            0xFB00..=0xFB06 | 0x0132 | 0x0133 | 0x01C4..=0x01CC | 0x01F1..=0x01F3 => out.extend(c.nfkc()),
+            0xFB00..=0xFB06 | 0x0132 | 0x0133 | 0x01C4..=0x01CC | 0x01F1..=0x01F3 => {
+                out.extend(c.nfkc())
+            }
             0x3000 => out.push(' '),
             0xFF01..=0xFFEF => out.extend(c.nfkc()),
             _ => out.push(c),
@@ -480,12 +544,14 @@ fn is_ftfy_control(c: char) -> bool {
 /// the same value (ftfy's "sloppy-windows-1252").
 fn cp1252_char(b: u8) -> char {
     const HIGH: [u16; 32] = [
-        0x20AC, 0x81, 0x201A, 0x0192, 0x201E, 0x2026, 0x2020, 0x2021, 0x02C6, 0x2030, 0x0160, 0x2039, 0x0152, 0x8D, 0x017D,
-        0x8F, 0x90, 0x2018, 0x2019, 0x201C, 0x201D, 0x2022, 0x2013, 0x2014, 0x02DC, 0x2122, 0x0161, 0x203A, 0x0153, 0x9D,
-        0x017E, 0x0178,
+        0x20AC, 0x81, 0x201A, 0x0192, 0x201E, 0x2026, 0x2020, 0x2021, 0x02C6, 0x2030, 0x0160,
+        0x2039, 0x0152, 0x8D, 0x017D, 0x8F, 0x90, 0x2018, 0x2019, 0x201C, 0x201D, 0x2022, 0x2013,
+        0x2014, 0x02DC, 0x2122, 0x0161, 0x203A, 0x0153, 0x9D, 0x017E, 0x0178,
     ];
     match b {
-        0x80..=0x9F => char::from_u32(u32::from(HIGH[usize::from(b - 0x80)])).unwrap_or(char::from(b)),
+        0x80..=0x9F => {
+            char::from_u32(u32::from(HIGH[usize::from(b - 0x80)])).unwrap_or(char::from(b))
+        }
         _ => char::from(b),
     }
 }

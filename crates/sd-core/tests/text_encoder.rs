@@ -13,13 +13,18 @@ const RTOL: f32 = 1e-4;
 
 fn golden(name: &str) -> HashMap<String, Tensor> {
     let path = sd_testutil::fixture(&format!("goldens/{name}.safetensors"));
-    Tensor::read_safetensors(&path).expect("read golden").into_iter().collect()
+    Tensor::read_safetensors(&path)
+        .expect("read golden")
+        .into_iter()
+        .collect()
 }
 
 fn model(folder: &str, kind: Kind) -> ClipTextModel {
     tch::set_num_threads(1);
     // The model's tensors are shallow clones of the store's variables; the store may go.
-    let (_vs, m) = ClipTextModel::from_diffusers_folder(&sd_testutil::fixture(folder), Device::Cpu, kind).expect("load");
+    let (_vs, m) =
+        ClipTextModel::from_diffusers_folder(&sd_testutil::fixture(folder), Device::Cpu, kind)
+            .expect("load");
     m
 }
 
@@ -34,9 +39,27 @@ fn check_common(name: &str, folder: &str) -> (ClipTextModel, HashMap<String, Ten
     let g = golden(name);
     let m = model(folder, Kind::Float);
     let out = tch::no_grad(|| m.forward(&g["input_ids"]));
-    close(&format!("{name} last_hidden_state"), &out.last_hidden_state, &g["last_hidden_state"], ATOL, RTOL);
-    close(&format!("{name} hidden_states_1"), &out.hidden_states[1], &g["hidden_states_1"], ATOL, RTOL);
-    close(&format!("{name} penultimate"), &out.select(OutputLayer::PenultimateRaw, &m), &g["penultimate"], ATOL, RTOL);
+    close(
+        &format!("{name} last_hidden_state"),
+        &out.last_hidden_state,
+        &g["last_hidden_state"],
+        ATOL,
+        RTOL,
+    );
+    close(
+        &format!("{name} hidden_states_1"),
+        &out.hidden_states[1],
+        &g["hidden_states_1"],
+        ATOL,
+        RTOL,
+    );
+    close(
+        &format!("{name} penultimate"),
+        &out.select(OutputLayer::PenultimateRaw, &m),
+        &g["penultimate"],
+        ATOL,
+        RTOL,
+    );
     close(
         &format!("{name} penultimate_final_ln"),
         &out.select(OutputLayer::ClipSkip(2), &m),
@@ -58,15 +81,33 @@ fn ids_of(t: &Tensor, row: i64) -> Vec<i64> {
 fn sd15_matches_goldens() {
     let (m, g) = check_common("te-sd15", "tiny-sd15/text_encoder");
     let tok = ClipTokenizer::shipped(PadConvention::EndOfText).expect("tokenizer");
-    assert_eq!(tok.tokenize("a photo of a cat", 77).expect("ids"), ids_of(&g["input_ids"], 0));
-    assert_eq!(tok.tokenize("", 77).expect("ids"), ids_of(&g["input_ids"], 1));
+    assert_eq!(
+        tok.tokenize("a photo of a cat", 77).expect("ids"),
+        ids_of(&g["input_ids"], 0)
+    );
+    assert_eq!(
+        tok.tokenize("", 77).expect("ids"),
+        ids_of(&g["input_ids"], 1)
+    );
     // sd-scripts --max_token_length 225: three chunks re-joined to 227 positions.
     let chunks = g["sdscripts_mtl225_input_ids"].view([3, 77]);
     let out = tch::no_grad(|| m.forward(&chunks));
     let skip1 = join_chunks(&out.select(OutputLayer::ClipSkip(1), &m), 3);
     let skip2 = join_chunks(&out.select(OutputLayer::ClipSkip(2), &m), 3);
-    close("sd15 mtl225 clip_skip1", &skip1, &g["sdscripts_mtl225_clip_skip1"], ATOL, RTOL);
-    close("sd15 mtl225 clip_skip2", &skip2, &g["sdscripts_mtl225_clip_skip2"], ATOL, RTOL);
+    close(
+        "sd15 mtl225 clip_skip1",
+        &skip1,
+        &g["sdscripts_mtl225_clip_skip1"],
+        ATOL,
+        RTOL,
+    );
+    close(
+        "sd15 mtl225 clip_skip2",
+        &skip2,
+        &g["sdscripts_mtl225_clip_skip2"],
+        ATOL,
+        RTOL,
+    );
 }
 
 #[test]
@@ -74,11 +115,20 @@ fn sd21v_matches_goldens() {
     let (m, g) = check_common("te-sd21v", "tiny-sd21v/text_encoder");
     assert_eq!(m.layers.len(), 23);
     let tok = ClipTokenizer::shipped(PadConvention::Zero).expect("tokenizer");
-    assert_eq!(tok.tokenize("a photo of a cat", 77).expect("ids"), ids_of(&g["input_ids"], 0));
+    assert_eq!(
+        tok.tokenize("a photo of a cat", 77).expect("ids"),
+        ids_of(&g["input_ids"], 0)
+    );
     let chunks = g["sdscripts_mtl225_input_ids"].view([3, 77]);
     let out = tch::no_grad(|| m.forward(&chunks));
     let last = join_chunks(&out.select(OutputLayer::Last, &m), 3);
-    close("sd21v mtl225", &last, &g["sdscripts_mtl225_clip_skip1"], ATOL, RTOL);
+    close(
+        "sd21v mtl225",
+        &last,
+        &g["sdscripts_mtl225_clip_skip1"],
+        ATOL,
+        RTOL,
+    );
 }
 
 #[test]
@@ -91,8 +141,20 @@ fn sdxl_te2_matches_goldens_with_pooled_projection() {
     let (m, g) = check_common("te-sdxl-te2", "tiny-sdxl/text_encoder_2");
     let out = tch::no_grad(|| m.forward(&g["input_ids"]));
     let embeds = out.text_embeds.expect("TE2 has a projection");
-    close("sdxl te2 text_embeds", &embeds, &g["text_embeds"], ATOL, RTOL);
-    close("sdxl te2 sd-scripts pooling", &embeds, &g["sdscripts_pool_workaround"], ATOL, RTOL);
+    close(
+        "sdxl te2 text_embeds",
+        &embeds,
+        &g["text_embeds"],
+        ATOL,
+        RTOL,
+    );
+    close(
+        "sdxl te2 sd-scripts pooling",
+        &embeds,
+        &g["sdscripts_pool_workaround"],
+        ATOL,
+        RTOL,
+    );
 }
 
 #[test]
@@ -103,9 +165,27 @@ fn sdxl_encode_prompt_matches_diffusers() {
     let ids1 = golden("te-sdxl-te1").remove("input_ids").expect("ids");
     let ids2 = golden("te-sdxl-te2").remove("input_ids").expect("ids");
     let (o1, o2) = tch::no_grad(|| (te1.forward(&ids1), te2.forward(&ids2)));
-    let context = Tensor::cat(&[o1.select(OutputLayer::PenultimateRaw, &te1), o2.select(OutputLayer::PenultimateRaw, &te2)], -1);
-    close("sdxl prompt_embeds", &context, &g["prompt_embeds"], ATOL, RTOL);
-    close("sdxl pooled_prompt_embeds", &o2.text_embeds.expect("projection"), &g["pooled_prompt_embeds"], ATOL, RTOL);
+    let context = Tensor::cat(
+        &[
+            o1.select(OutputLayer::PenultimateRaw, &te1),
+            o2.select(OutputLayer::PenultimateRaw, &te2),
+        ],
+        -1,
+    );
+    close(
+        "sdxl prompt_embeds",
+        &context,
+        &g["prompt_embeds"],
+        ATOL,
+        RTOL,
+    );
+    close(
+        "sdxl pooled_prompt_embeds",
+        &o2.text_embeds.expect("projection"),
+        &g["pooled_prompt_embeds"],
+        ATOL,
+        RTOL,
+    );
 }
 
 #[test]
@@ -117,6 +197,12 @@ fn half_and_bfloat16_loads_are_cast_and_close() {
         let out = tch::no_grad(|| m.forward(&g["input_ids"]));
         assert_eq!(out.last_hidden_state.kind(), kind);
         let tol = if kind == Kind::Half { 2e-2 } else { 1e-1 };
-        close(&format!("sd15 {kind:?} last_hidden_state"), &out.last_hidden_state, &g["last_hidden_state"], tol, tol);
+        close(
+            &format!("sd15 {kind:?} last_hidden_state"),
+            &out.last_hidden_state,
+            &g["last_hidden_state"],
+            tol,
+            tol,
+        );
     }
 }

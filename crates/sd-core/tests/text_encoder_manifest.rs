@@ -20,8 +20,14 @@ fn manifest(file: &str, component: &str) -> BTreeMap<String, Vec<i64>> {
             let mut cols = line.split('\t');
             let (comp, key, shape) = (cols.next()?, cols.next()?, cols.next()?);
             (comp == component).then(|| {
-                let dims = shape.trim_matches(['[', ']']).split(',').filter(|s| !s.is_empty());
-                (key.to_owned(), dims.map(|d| d.parse().expect("dim")).collect())
+                let dims = shape
+                    .trim_matches(['[', ']'])
+                    .split(',')
+                    .filter(|s| !s.is_empty());
+                (
+                    key.to_owned(),
+                    dims.map(|d| d.parse().expect("dim")).collect(),
+                )
             })
         })
         .collect()
@@ -29,7 +35,12 @@ fn manifest(file: &str, component: &str) -> BTreeMap<String, Vec<i64>> {
 
 fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
-    let pages: u64 = statm.split_whitespace().nth(1).expect("rss field").parse().expect("rss");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .expect("rss field")
+        .parse()
+        .expect("rss");
     pages * 4096
 }
 
@@ -40,31 +51,63 @@ fn check(file: &str, component: &str, config: ClipTextConfig) {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = ClipTextModel::new_with_kind(&vs.root(), &config, Kind::Float);
     let grown = resident_bytes().saturating_sub(before);
-    let actual: BTreeMap<String, Vec<i64>> = vs.variables().into_iter().map(|(k, t)| (k, t.size())).collect();
-    let missing: Vec<_> = expected.keys().filter(|k| !actual.contains_key(*k)).collect();
-    let extra: Vec<_> = actual.keys().filter(|k| !expected.contains_key(*k)).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "{component}: missing {missing:?}, extra {extra:?}");
+    let actual: BTreeMap<String, Vec<i64>> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, t)| (k, t.size()))
+        .collect();
+    let missing: Vec<_> = expected
+        .keys()
+        .filter(|k| !actual.contains_key(*k))
+        .collect();
+    let extra: Vec<_> = actual
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{component}: missing {missing:?}, extra {extra:?}"
+    );
     for (k, shape) in &expected {
         assert_eq!(&actual[k], shape, "{component} {k}");
     }
     let bytes: i64 = actual.values().map(|s| s.iter().product::<i64>() * 4).sum();
     // Parameters are `Tensor::empty` and never touched: resident memory stays far below size.
-    assert!(grown < 64 << 20, "{component}: building {bytes} bytes of f32 parameters grew RSS by {grown} bytes");
+    assert!(
+        grown < 64 << 20,
+        "{component}: building {bytes} bytes of f32 parameters grew RSS by {grown} bytes"
+    );
     drop(model);
 }
 
 #[test]
 fn sd15_clip_vit_l14_matches_manifest() {
-    check("sd15.diffusers.tsv.gz", "text_encoder", ClipTextConfig::clip_vit_l14());
+    check(
+        "sd15.diffusers.tsv.gz",
+        "text_encoder",
+        ClipTextConfig::clip_vit_l14(),
+    );
 }
 
 #[test]
 fn sd21v_open_clip_vit_h14_matches_manifest() {
-    check("sd21v.diffusers.tsv.gz", "text_encoder", ClipTextConfig::open_clip_vit_h14());
+    check(
+        "sd21v.diffusers.tsv.gz",
+        "text_encoder",
+        ClipTextConfig::open_clip_vit_h14(),
+    );
 }
 
 #[test]
 fn sdxl_text_encoders_match_manifest() {
-    check("sdxl.diffusers.tsv.gz", "text_encoder", ClipTextConfig::clip_vit_l14());
-    check("sdxl.diffusers.tsv.gz", "text_encoder_2", ClipTextConfig::open_clip_vit_bigg14());
+    check(
+        "sdxl.diffusers.tsv.gz",
+        "text_encoder",
+        ClipTextConfig::clip_vit_l14(),
+    );
+    check(
+        "sdxl.diffusers.tsv.gz",
+        "text_encoder_2",
+        ClipTextConfig::open_clip_vit_bigg14(),
+    );
 }

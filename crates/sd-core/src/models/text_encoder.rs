@@ -130,7 +130,11 @@ impl ClipTextConfig {
     /// OpenCLIP ViT-bigG/14 text tower with its 1280×1280 text projection: SDXL text encoder 2
     /// (1280 wide, 32 layers, 20 heads, GELU).
     pub fn open_clip_vit_bigg14() -> Self {
-        Self { projection_dim: Some(1280), with_projection: true, ..Self::clip(1280, 32, 20, Activation::Gelu) }
+        Self {
+            projection_dim: Some(1280),
+            with_projection: true,
+            ..Self::clip(1280, 32, 20, Activation::Gelu)
+        }
     }
 
     /// Reads a transformers `config.json` (`text_encoder*/config.json` of a Diffusers folder).
@@ -139,14 +143,24 @@ impl ClipTextConfig {
     /// [`TextEncoderError::Io`] or [`TextEncoderError::Config`] (missing key, unknown activation,
     /// width not divisible by the head count).
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| TextEncoderError::Io { path: path.to_owned(), source })?;
-        let invalid = |reason: String| TextEncoderError::Config { path: path.to_owned(), reason };
+        let text = std::fs::read_to_string(path).map_err(|source| TextEncoderError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |reason: String| TextEncoderError::Config {
+            path: path.to_owned(),
+            reason,
+        };
         let mut config: Self = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         config.with_projection = value
             .get("architectures")
             .and_then(|a| a.as_array())
-            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some("CLIPTextModelWithProjection")));
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|x| x.as_str() == Some("CLIPTextModelWithProjection"))
+            });
         if config.num_attention_heads <= 0 || config.hidden_size % config.num_attention_heads != 0 {
             return Err(invalid(format!(
                 "hidden_size {} must be a multiple of num_attention_heads {}",
@@ -196,12 +210,19 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     fn new(p: nn::Path, dim: i64, eps: f64, kind: Kind) -> Self {
-        Self { weight: param(&p, "weight", &[dim], kind), bias: param(&p, "bias", &[dim], kind), eps }
+        Self {
+            weight: param(&p, "weight", &[dim], kind),
+            bias: param(&p, "bias", &[dim], kind),
+            eps,
+        }
     }
 
     /// `x` [..., D] → [..., D].
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let d = *x.size().last().expect("layer norm input has a last dimension");
+        let d = *x
+            .size()
+            .last()
+            .expect("layer norm input has a last dimension");
         x.layer_norm([d], Some(&self.weight), Some(&self.bias), self.eps, true)
     }
 }
@@ -240,7 +261,16 @@ impl ClipAttention {
         let q = split(self.q_proj.forward(x));
         let k = split(self.k_proj.forward(x));
         let v = split(self.v_proj.forward(x));
-        let o = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);
+        let o = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            true,
+            None,
+            false,
+        );
         self.out_proj.forward(&o.transpose(1, 2).reshape([b, t, d]))
     }
 }
@@ -339,8 +369,12 @@ impl TextEncoderOutput {
     pub fn select(&self, layer: OutputLayer, encoder: &ClipTextModel) -> Tensor {
         let n = self.hidden_states.len();
         match layer {
-            OutputLayer::Last | OutputLayer::ClipSkip(0 | 1) => self.last_hidden_state.shallow_clone(),
-            OutputLayer::ClipSkip(k) => encoder.final_layer_norm.forward(&self.hidden_states[n.saturating_sub(k)]),
+            OutputLayer::Last | OutputLayer::ClipSkip(0 | 1) => {
+                self.last_hidden_state.shallow_clone()
+            }
+            OutputLayer::ClipSkip(k) => encoder
+                .final_layer_norm
+                .forward(&self.hidden_states[n.saturating_sub(k)]),
             OutputLayer::PenultimateRaw => self.hidden_states[n.saturating_sub(2)].shallow_clone(),
         }
     }
@@ -380,15 +414,36 @@ impl ClipTextModel {
         let emb = &tm / "embeddings";
         let d = config.hidden_size;
         Self {
-            token_embedding: param(&(&emb / "token_embedding"), "weight", &[config.vocab_size, d], kind),
-            position_embedding: param(&(&emb / "position_embedding"), "weight", &[config.max_position_embeddings, d], kind),
+            token_embedding: param(
+                &(&emb / "token_embedding"),
+                "weight",
+                &[config.vocab_size, d],
+                kind,
+            ),
+            position_embedding: param(
+                &(&emb / "position_embedding"),
+                "weight",
+                &[config.max_position_embeddings, d],
+                kind,
+            ),
             layers: (0..config.num_hidden_layers)
                 .map(|i| ClipEncoderLayer::new(&tm / "encoder" / "layers" / i, config, kind))
                 .collect(),
-            final_layer_norm: LayerNorm::new(&tm / "final_layer_norm", d, config.layer_norm_eps, kind),
-            text_projection: config
-                .with_projection
-                .then(|| Linear::new(p / "text_projection", d, config.projection_dim.unwrap_or(d), false, kind)),
+            final_layer_norm: LayerNorm::new(
+                &tm / "final_layer_norm",
+                d,
+                config.layer_norm_eps,
+                kind,
+            ),
+            text_projection: config.with_projection.then(|| {
+                Linear::new(
+                    p / "text_projection",
+                    d,
+                    config.projection_dim.unwrap_or(d),
+                    false,
+                    kind,
+                )
+            }),
             config: config.clone(),
         }
     }
@@ -411,7 +466,8 @@ impl ClipTextModel {
         let (b, t) = input_ids.size2().expect("input_ids is [B, T]");
         // 1. Token + position embeddings.
         let positions = self.position_embedding.narrow(0, 0, t);
-        let mut x = Tensor::embedding(&self.token_embedding, input_ids, -1, false, false) + positions;
+        let mut x =
+            Tensor::embedding(&self.token_embedding, input_ids, -1, false, false) + positions;
         // 2. Encoder layers, keeping every intermediate state.
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {
@@ -426,7 +482,12 @@ impl ClipTextModel {
         let eos = input_ids.to_kind(Kind::Int64).argmax(-1, false);
         let pooled = last_hidden_state.index(&[Some(rows), Some(eos)]);
         let text_embeds = self.text_projection.as_ref().map(|p| p.forward(&pooled));
-        TextEncoderOutput { hidden_states, last_hidden_state, pooled, text_embeds }
+        TextEncoderOutput {
+            hidden_states,
+            last_hidden_state,
+            pooled,
+            text_embeds,
+        }
     }
 
     /// Convenience: builds a model from a Diffusers `text_encoder*/` folder (`config.json` and
@@ -434,16 +495,29 @@ impl ClipTextModel {
     ///
     /// # Errors
     /// Config, I/O and [`WeightsError`] failures naming the file and key.
-    pub fn from_diffusers_folder(dir: &Path, device: Device, kind: Kind) -> Result<(nn::VarStore, Self)> {
+    pub fn from_diffusers_folder(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+    ) -> Result<(nn::VarStore, Self)> {
         let config = ClipTextConfig::from_json_file(&dir.join("config.json"))?;
         let vs = nn::VarStore::new(device);
         let model = Self::new_with_kind(&vs.root(), &config, kind);
         let weights = dir.join("model.safetensors");
         let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(&weights)
-            .map_err(|source| TextEncoderError::Tch { path: weights.clone(), source })?
+            .map_err(|source| TextEncoderError::Tch {
+                path: weights.clone(),
+                source,
+            })?
             .into_iter()
             .collect();
-        load_var_store(&vs, tensors, &weights.display().to_string(), IGNORED_KEYS, LoadOptions::default())?;
+        load_var_store(
+            &vs,
+            tensors,
+            &weights.display().to_string(),
+            IGNORED_KEYS,
+            LoadOptions::default(),
+        )?;
         Ok((vs, model))
     }
 }
