@@ -15,3 +15,6 @@ pub mod tensor_file;
 pub mod diffusers;
 pub mod family;
 pub mod keymap;
+pub mod hashes;
+pub mod lora;
+pub mod metadata;
