@@ -145,6 +145,36 @@ class TorchPickler(pickle.Pickler):
         return None
 
 
+class LegacyPickler(pickle.Pickler):
+    """torch < 1.6 persistent ids carry a sixth item, view metadata (None)."""
+
+    def __init__(self, f, seen):
+        super().__init__(f, protocol=2)
+        self.seen = seen
+
+    def persistent_id(self, obj):
+        if isinstance(obj, Storage):
+            self.seen.setdefault(obj.key, obj)
+            return ("storage", getattr(torch, STORAGE[obj.dtype]), obj.key, "cpu", obj.numel, None)
+        return None
+
+
+def legacy_save(obj):
+    """The pre-zip torch.save layout (torch/serialization.py, _legacy_save)."""
+    out = io.BytesIO()
+    for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True,
+                                                  "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(header, out, protocol=2)
+    seen = {}
+    LegacyPickler(out, seen).dump(obj)
+    keys = sorted(seen)
+    pickle.dump(keys, out, protocol=2)
+    for k in keys:
+        out.write(struct.pack("<q", seen[k].numel))
+        out.write(seen[k].raw)
+    return out.getvalue()
+
+
 def torch_zip(obj=None, storages=(), archive="archive", pkl=None, deflate=(), byteorder=b"little",
               skip_pkl=False, extra=()):
     if pkl is None:
@@ -288,7 +318,14 @@ def main():
     write("no-tensors.ckpt", torch_zip({"epoch": 3, "global_step": 10}))
     # A bare pickle (no zip) calling os.system, and the pre-1.6 legacy header.
     write("raw-pickle-os-system.pt", pickle.dumps(SystemCall(), protocol=2))
-    write("legacy-format.pt", pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2))
+    legacy = legacy_save(
+        collections.OrderedDict(
+            [("w", contiguous(Storage("0", "F32", f32(1, 2, 3, 4)), [2, 2])),
+             ("b", contiguous(Storage("1", "F16", f16(0.5, -1)), [2]))]
+        )
+    )
+    write("legacy-tensors.pt", legacy)
+    write("legacy-truncated.pt", legacy[:-3])
 
     # --- valid checkpoints with unusual content
     # Lightning layout: state_dict beside epoch, global_step and callback objects.

@@ -84,75 +84,17 @@ impl CkptFile {
     }
 
     pub(crate) fn from_mmap(path: &Path, mmap: Mmap) -> Result<Self> {
+        let (pk, refs, storages) = if mmap.starts_with(ZIP_MAGIC) {
+            read_zip(path, &mmap)?
+        } else {
+            read_legacy(path, &mmap)?
+        };
         let p = || path.to_path_buf();
         let ck = |reason: String| Error::Checkpoint {
             path: path.to_path_buf(),
             reason,
         };
-        if !mmap.starts_with(ZIP_MAGIC) {
-            return Err(raw_pickle_error(path, &mmap));
-        }
-        let mut zip = zip::ZipArchive::new(std::io::Cursor::new(&mmap[..])).map_err(|e| {
-            ck(format!(
-                "not a readable zip archive ({e}); the file may be truncated"
-            ))
-        })?;
-        let pkl_name = zip
-            .file_names()
-            .filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
-            .min_by_key(|n| n.len())
-            .map(str::to_string);
-        let Some(pkl_name) = pkl_name else {
-            let mut names: Vec<&str> = zip.file_names().take(5).collect();
-            names.sort_unstable();
-            return Err(ck(format!(
-                "no data.pkl entry in the zip (found {} entries: {}{}); not a file written by torch.save",
-                zip.len(),
-                names.join(", "),
-                if zip.len() > 5 { ", ..." } else { "" }
-            )));
-        };
-        let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
-
-        let read_entry = |zip: &mut zip::ZipArchive<std::io::Cursor<&[u8]>>,
-                          name: &str,
-                          max: u64|
-         -> Result<Vec<u8>> {
-            let mut f = zip
-                .by_name(name)
-                .map_err(|e| ck(format!("cannot read entry {name}: {e}")))?;
-            if f.size() > max {
-                return Err(ck(format!(
-                    "entry {name} of {} bytes is over the {max}-byte limit",
-                    f.size()
-                )));
-            }
-            let mut buf = Vec::with_capacity(f.size() as usize);
-            f.read_to_end(&mut buf)
-                .map_err(|e| ck(format!("cannot read entry {name}: {e}")))?;
-            Ok(buf)
-        };
-        let byteorder_name = format!("{prefix}byteorder");
-        if zip.index_for_name(&byteorder_name).is_some() {
-            let b = read_entry(&mut zip, &byteorder_name, 16)?;
-            if b.trim_ascii() == b"big" {
-                return Err(Error::Unsupported {
-                    path: p(),
-                    what: "a big-endian checkpoint (byteorder \"big\")".into(),
-                });
-            }
-        }
-        let limits = Limits::default();
-        let pkl = read_entry(&mut zip, &pkl_name, limits.max_bytes as u64)?;
-        let pk = pickle::load(&pkl, limits).map_err(|e| Error::Pickle {
-            path: p(),
-            offset: e.offset,
-            reason: format!("{} (in {pkl_name})", e.reason),
-        })?;
-
-        let refs = collect_state_dict(path, &pk)?;
         let names: Vec<String> = refs.iter().map(|(n, _)| n.clone()).collect();
-        let mut storages: HashMap<String, StorageEntry> = HashMap::new();
         let mut tensors = HashMap::with_capacity(names.len());
         for (key, t) in refs {
             let Some(dtype) = t.storage.dtype else {
@@ -162,32 +104,6 @@ impl CkptFile {
                     dtype: t.storage.type_name.clone(),
                 });
             };
-            if !storages.contains_key(&t.storage.key) {
-                let name = format!("{prefix}data/{}", t.storage.key);
-                let Some(idx) = zip.index_for_name(&name) else {
-                    return Err(ck(format!(
-                        "tensor \"{key}\" refers to storage entry {name}, which is missing from the archive"
-                    )));
-                };
-                let f = zip
-                    .by_index_raw(idx)
-                    .map_err(|e| ck(format!("cannot read entry {name}: {e}")))?;
-                let entry = StorageEntry {
-                    name: name.clone(),
-                    data_start: f.data_start(),
-                    size: f.size(),
-                    stored: f.compression() == CompressionMethod::Stored,
-                };
-                if entry.stored && entry.data_start.saturating_add(entry.size) > mmap.len() as u64 {
-                    return Err(Error::Truncated {
-                        path: p(),
-                        what: format!("the data of entry {name}"),
-                        expected: entry.data_start.saturating_add(entry.size),
-                        found: mmap.len() as u64,
-                    });
-                }
-                storages.insert(t.storage.key.clone(), entry);
-            }
             let entry = &storages[&t.storage.key];
             let es = dtype.size() as u64;
             let numel: Option<u64> = t
@@ -395,6 +311,118 @@ impl CkptFile {
     }
 }
 
+type Parts = (
+    Pickle,
+    Vec<(String, pickle::TensorRef)>,
+    HashMap<String, StorageEntry>,
+);
+
+/// The pickle, state-dict tensors and storage locations of a zip checkpoint.
+fn read_zip(path: &Path, mmap: &[u8]) -> Result<Parts> {
+    let p = || path.to_path_buf();
+    let ck = |reason: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(mmap)).map_err(|e| {
+        ck(format!(
+            "not a readable zip archive ({e}); the file may be truncated"
+        ))
+    })?;
+    let pkl_name = zip
+        .file_names()
+        .filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
+        .min_by_key(|n| n.len())
+        .map(str::to_string);
+    let Some(pkl_name) = pkl_name else {
+        let mut names: Vec<&str> = zip.file_names().take(5).collect();
+        names.sort_unstable();
+        return Err(ck(format!(
+            "no data.pkl entry in the zip (found {} entries: {}{}); not a file written by torch.save",
+            zip.len(),
+            names.join(", "),
+            if zip.len() > 5 { ", ..." } else { "" }
+        )));
+    };
+    let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
+
+    let read_entry = |zip: &mut zip::ZipArchive<std::io::Cursor<&[u8]>>,
+                      name: &str,
+                      max: u64|
+     -> Result<Vec<u8>> {
+        let mut f = zip
+            .by_name(name)
+            .map_err(|e| ck(format!("cannot read entry {name}: {e}")))?;
+        if f.size() > max {
+            return Err(ck(format!(
+                "entry {name} of {} bytes is over the {max}-byte limit",
+                f.size()
+            )));
+        }
+        let mut buf = Vec::with_capacity(f.size() as usize);
+        f.read_to_end(&mut buf)
+            .map_err(|e| ck(format!("cannot read entry {name}: {e}")))?;
+        Ok(buf)
+    };
+    let byteorder_name = format!("{prefix}byteorder");
+    if zip.index_for_name(&byteorder_name).is_some() {
+        let b = read_entry(&mut zip, &byteorder_name, 16)?;
+        if b.trim_ascii() == b"big" {
+            return Err(Error::Unsupported {
+                path: p(),
+                what: "a big-endian checkpoint (byteorder \"big\")".into(),
+            });
+        }
+    }
+    let limits = Limits::default();
+    let pkl = read_entry(&mut zip, &pkl_name, limits.max_bytes as u64)?;
+    let pk = pickle::load(&pkl, limits).map_err(|e| Error::Pickle {
+        path: p(),
+        offset: e.offset,
+        reason: format!("{} (in {pkl_name})", e.reason),
+    })?;
+
+    let refs = collect_state_dict(path, &pk)?;
+    let mut storages: HashMap<String, StorageEntry> = HashMap::new();
+    for (key, t) in &refs {
+        if !storages.contains_key(&t.storage.key) {
+            let name = format!("{prefix}data/{}", t.storage.key);
+            let Some(idx) = zip.index_for_name(&name) else {
+                return Err(ck(format!(
+                    "tensor \"{key}\" refers to storage entry {name}, which is missing from the archive"
+                )));
+            };
+            let f = zip
+                .by_index_raw(idx)
+                .map_err(|e| ck(format!("cannot read entry {name}: {e}")))?;
+            let entry = StorageEntry {
+                name: name.clone(),
+                data_start: f.data_start(),
+                size: f.size(),
+                stored: f.compression() == CompressionMethod::Stored,
+            };
+            // Deflate expands at most ~1032:1; a larger claim is a zip bomb or corruption.
+            if !entry.stored && entry.size > f.compressed_size().saturating_mul(1100) {
+                return Err(ck(format!(
+                    "entry {name} claims {} bytes from {} compressed bytes",
+                    entry.size,
+                    f.compressed_size()
+                )));
+            }
+            if entry.stored && entry.data_start.saturating_add(entry.size) > mmap.len() as u64 {
+                return Err(Error::Truncated {
+                    path: p(),
+                    what: format!("the data of entry {name}"),
+                    expected: entry.data_start.saturating_add(entry.size),
+                    found: mmap.len() as u64,
+                });
+            }
+            storages.insert(t.storage.key.clone(), entry);
+        }
+    }
+    Ok((pk, refs, storages))
+}
+
 /// Whether `stride` is the row-major stride of `shape` (dimensions of size 1 may have any stride).
 fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
     if shape.contains(&0) {
@@ -519,26 +547,137 @@ fn collect_state_dict(path: &Path, pk: &Pickle) -> Result<Vec<(String, pickle::T
         .collect())
 }
 
-/// The error for a file that is a bare pickle rather than a zip checkpoint.
-fn raw_pickle_error(path: &Path, bytes: &[u8]) -> Error {
-    // torch < 1.6 wrote a pickled magic number first: 0x1950a86a20f9469cfc6c (LONG1, 10 bytes).
+/// The pickle, state-dict tensors and storage locations of a file in the legacy (torch < 1.6,
+/// non-zip) format; a bare pickle without that header is refused with what it holds.
+///
+/// Layout (torch `serialization._legacy_load`): pickles of the magic number
+/// 0x1950a86a20f9469cfc6c, the protocol version (1001), a sys-info dict and the object
+/// (storages as persistent ids `('storage', type, key, location, numel, view_metadata)`), a
+/// pickled list of storage keys, then per listed key an 8-byte little-endian element count
+/// followed by the raw bytes.
+fn read_legacy(path: &Path, mmap: &[u8]) -> Result<Parts> {
     const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
-    match pickle::load(bytes, Limits::default()) {
-        Ok(pk) => match pk.node(pk.root) {
-            Node::BigInt(b) if b.as_slice() == LEGACY_MAGIC => Error::Unsupported {
-                path: path.to_path_buf(),
-                what: "the legacy torch.save format (torch < 1.6, not a zip archive); re-save it with a current torch or convert it to safetensors".into(),
-            },
-            _ => match collect_state_dict(path, &pk) {
-                Err(e) => e,
-                Ok(_) => Error::Unsupported {
-                    path: path.to_path_buf(),
-                    what: "a bare pickle with tensors but without the zip container".into(),
-                },
-            },
-        },
-        Err(e) => Error::Pickle { path: path.to_path_buf(), offset: e.offset, reason: e.reason },
+    let p = || path.to_path_buf();
+    let ck = |reason: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let limits = Limits::default();
+    let load_at = |pos: usize, what: &str| -> Result<Pickle> {
+        pickle::load(&mmap[pos.min(mmap.len())..], limits).map_err(|e| Error::Pickle {
+            path: p(),
+            offset: pos as u64 + e.offset,
+            reason: format!("{} (in the {what})", e.reason),
+        })
+    };
+    let first = load_at(0, "pickle")?;
+    if !matches!(first.node(first.root), Node::BigInt(b) if b.as_slice() == LEGACY_MAGIC) {
+        // A bare pickle: report what it holds; tensors need storages it cannot carry.
+        collect_state_dict(path, &first)?;
+        return Err(Error::Unsupported {
+            path: p(),
+            what: "a bare pickle with tensors but without the zip container".into(),
+        });
     }
+    let mut pos = first.consumed;
+    let version = load_at(pos, "legacy protocol version")?;
+    if !matches!(version.node(version.root), Node::Int(1001)) {
+        return Err(Error::Unsupported {
+            path: p(),
+            what: format!(
+                "legacy protocol version {} (expected 1001)",
+                version.describe(version.root)
+            ),
+        });
+    }
+    pos += version.consumed;
+    let sys_info = load_at(pos, "legacy sys_info")?;
+    if let Node::Dict(items) = sys_info.node(sys_info.root)
+        && items.iter().any(|(k, v)| {
+            sys_info.as_str(*k) == Some("little_endian")
+                && matches!(sys_info.node(*v), Node::Bool(false))
+        })
+    {
+        return Err(Error::Unsupported {
+            path: p(),
+            what: "a big-endian legacy checkpoint".into(),
+        });
+    }
+    pos += sys_info.consumed;
+    let pk = load_at(pos, "legacy data pickle")?;
+    pos += pk.consumed;
+    let refs = collect_state_dict(path, &pk)?;
+    let keys_pk = load_at(pos, "legacy storage key list")?;
+    pos += keys_pk.consumed;
+    let Node::List(keys) = keys_pk.node(keys_pk.root) else {
+        return Err(ck(format!(
+            "expected the list of storage keys after the data pickle, found {}",
+            keys_pk.describe(keys_pk.root)
+        )));
+    };
+    let kinds: HashMap<&str, &pickle::StorageRef> = pk
+        .nodes
+        .iter()
+        .filter_map(|n| match n {
+            Node::Storage(s) => Some((s.key.as_str(), s)),
+            _ => None,
+        })
+        .collect();
+    let mut storages = HashMap::new();
+    for &k in keys {
+        let Some(key) = keys_pk.as_str(k) else {
+            return Err(ck("a storage key is not a string".into()));
+        };
+        let Some(s) = kinds.get(key) else {
+            return Err(ck(format!(
+                "storage {key} is listed but no tensor refers to it"
+            )));
+        };
+        let Some(dtype) = s.dtype else {
+            return Err(ck(format!(
+                "storage {key} has the unsupported type {}",
+                s.type_name
+            )));
+        };
+        let Some(head) = mmap.get(pos..pos + 8) else {
+            return Err(Error::Truncated {
+                path: p(),
+                what: format!("the size of storage {key}"),
+                expected: pos as u64 + 8,
+                found: mmap.len() as u64,
+            });
+        };
+        let numel = u64::from_le_bytes(head.try_into().expect("8 bytes"));
+        let size = numel.saturating_mul(dtype.size() as u64);
+        let data_start = pos as u64 + 8;
+        if data_start.saturating_add(size) > mmap.len() as u64 {
+            return Err(Error::Truncated {
+                path: p(),
+                what: format!("the data of storage {key}"),
+                expected: data_start.saturating_add(size),
+                found: mmap.len() as u64,
+            });
+        }
+        storages.insert(
+            key.to_string(),
+            StorageEntry {
+                name: key.to_string(),
+                data_start,
+                size,
+                stored: true,
+            },
+        );
+        pos = (data_start + size) as usize;
+    }
+    for (key, t) in &refs {
+        if !storages.contains_key(&t.storage.key) {
+            return Err(ck(format!(
+                "tensor \"{key}\" refers to storage {}, which the file does not contain",
+                t.storage.key
+            )));
+        }
+    }
+    Ok((pk, refs, storages))
 }
 
 /// Whether `bytes` start like a pickle stream (protocol 2+ header).

@@ -25,7 +25,7 @@ pub type Id = u32;
 pub struct Limits {
     /// Largest pickle stream accepted, in bytes.
     pub max_bytes: usize,
-    /// Most values the arena may hold.
+    /// Most values the arena may hold (also the deepest value stack).
     pub max_nodes: usize,
     /// Most memo entries.
     pub max_memo: usize,
@@ -38,9 +38,9 @@ impl Default for Limits {
         // A real SDXL checkpoint's data.pkl is well under 1 MB (about 150 bytes and 15 values per
         // tensor); these bounds leave room for optimizer states while keeping memory under ~1 GB.
         Limits {
-            max_bytes: 256 << 20,
-            max_nodes: 16 << 20,
-            max_memo: 16 << 20,
+            max_bytes: 64 << 20,
+            max_nodes: 8 << 20,
+            max_memo: 8 << 20,
             max_marks: 1 << 16,
         }
     }
@@ -190,18 +190,12 @@ fn is_known_global(module: &str, name: &str) -> bool {
 /// out-of-band buffers), exceeded [`Limits`], and `_rebuild_tensor_v2` calls whose arguments are
 /// not (storage, offset, size, stride, ...).
 pub fn load(data: &[u8], limits: Limits) -> R<Pickle> {
-    if data.len() > limits.max_bytes {
-        return Err(PickleError {
-            offset: 0,
-            reason: format!(
-                "pickle of {} bytes is over the {}-byte limit",
-                data.len(),
-                limits.max_bytes
-            ),
-        });
-    }
+    // The stream may be followed by other data (legacy checkpoints); only the prefix within the
+    // limit is interpreted.
+    let capped = data.len() > limits.max_bytes;
     let mut vm = Vm {
-        data,
+        data: &data[..data.len().min(limits.max_bytes)],
+        capped,
         pos: 0,
         op_pos: 0,
         limits,
@@ -226,6 +220,7 @@ pub fn load(data: &[u8], limits: Limits) -> R<Pickle> {
 
 struct Vm<'a> {
     data: &'a [u8],
+    capped: bool,
     pos: usize,
     op_pos: usize,
     limits: Limits,
@@ -248,6 +243,9 @@ impl<'a> Vm<'a> {
 
     fn take(&mut self, n: usize) -> R<&'a [u8]> {
         if n > self.data.len() - self.pos {
+            if self.capped {
+                return self.over_limit();
+            }
             return self.err(format!(
                 "needs {n} bytes but only {} remain (truncated pickle?)",
                 self.data.len() - self.pos
@@ -256,6 +254,13 @@ impl<'a> Vm<'a> {
         let s = &self.data[self.pos..self.pos + n];
         self.pos += n;
         Ok(s)
+    }
+
+    fn over_limit<T>(&self) -> R<T> {
+        self.err(format!(
+            "pickle longer than the {}-byte limit",
+            self.limits.max_bytes
+        ))
     }
 
     fn u8(&mut self) -> R<u8> {
@@ -285,6 +290,9 @@ impl<'a> Vm<'a> {
     fn line(&mut self) -> R<&'a str> {
         let rest = &self.data[self.pos..];
         let Some(n) = rest.iter().position(|&b| b == b'\n') else {
+            if self.capped {
+                return self.over_limit();
+            }
             return self.err("unterminated text line");
         };
         self.pos += n + 1;
@@ -300,6 +308,17 @@ impl<'a> Vm<'a> {
         }
         self.nodes.push(n);
         Ok((self.nodes.len() - 1) as Id)
+    }
+
+    fn push_id(&mut self, id: Id) -> R<()> {
+        if self.stack.len() >= self.limits.max_nodes {
+            return self.err(format!(
+                "stack deeper than {} values (limit)",
+                self.limits.max_nodes
+            ));
+        }
+        self.stack.push(id);
+        Ok(())
     }
 
     fn push(&mut self, n: Node) -> R<()> {
@@ -347,10 +366,7 @@ impl<'a> Vm<'a> {
 
     fn memo_get(&mut self, idx: u32) -> R<()> {
         match self.memo.get(&idx) {
-            Some(&id) => {
-                self.stack.push(id);
-                Ok(())
-            }
+            Some(&id) => self.push_id(id),
             None => self.err(format!("memo entry {idx} was never stored")),
         }
     }
@@ -500,7 +516,11 @@ impl<'a> Vm<'a> {
 
     fn persistent_load(&mut self, pid: Id) -> R<()> {
         let items = self.seq_of(pid).map(<[Id]>::to_vec).unwrap_or_default();
-        if items.len() >= 5 && self.str_of(items[0]) == Some("storage") {
+        // Legacy files add a sixth item, view metadata: None unless the storage is a view of
+        // another one (not supported: such an id stays a placeholder).
+        let plain = items.len() == 5
+            || (items.len() == 6 && matches!(self.nodes[items[5] as usize], Node::None));
+        if plain && self.str_of(items[0]) == Some("storage") {
             let type_name = match &self.nodes[items[1] as usize] {
                 Node::Global { name, .. } => Some(name.clone()),
                 _ => None,
@@ -570,7 +590,7 @@ impl<'a> Vm<'a> {
                 }
                 b'2' => {
                     let t = self.top()?;
-                    self.stack.push(t);
+                    self.push_id(t)?;
                 }
                 b'N' => self.push(Node::None)?,
                 0x88 => self.push(Node::Bool(true))?,
@@ -765,7 +785,7 @@ impl<'a> Vm<'a> {
                     let args = self.pop()?;
                     let func = self.pop()?;
                     let r = self.apply(func, args, 0)?;
-                    self.stack.push(r);
+                    self.push_id(r)?;
                 }
                 b'b' => {
                     // BUILD: the state is dropped; the object stays as it is (inert).
@@ -958,15 +978,14 @@ mod tests {
             assert!(run(bad).is_err(), "{bad:?} should fail");
         }
         let tiny = Limits {
-            max_bytes: 4,
+            max_bytes: 3,
             ..Limits::default()
         };
-        assert!(
-            load(b"\x80\x02N.\x00", tiny)
-                .unwrap_err()
-                .reason
-                .contains("limit")
-        );
+        let err = load(b"\x80\x02N.\x00", tiny).unwrap_err();
+        assert!(err.reason.contains("limit"), "{err:?}");
+        // Trailing data after STOP is not read.
+        let pk = load(b"\x80\x02N.\xff\xff", Limits::default()).expect("valid prefix");
+        assert_eq!(pk.consumed, 4);
     }
 
     #[test]

@@ -430,3 +430,19 @@ fn nan_and_inf_tensors_are_readable_and_flagged() {
     );
     assert_eq!(f.metadata()["note"], "NaN/Inf tensors are readable");
 }
+
+#[test]
+fn legacy_non_zip_checkpoint_reads() {
+    let f = TensorFile::open(bad_input("legacy-tensors.pt")).expect("open");
+    assert_eq!(f.format(), Format::Checkpoint);
+    assert_eq!(f.names(), ["w", "b"]);
+    assert_eq!(
+        f.info("w"),
+        Some(&TensorInfo {
+            dtype: Dtype::F32,
+            shape: vec![2, 2]
+        })
+    );
+    assert_eq!(f.to_f32_vec("w").expect("w"), [1., 2., 3., 4.]);
+    assert_eq!(f.to_f32_vec("b").expect("b"), [0.5, -1.]);
+}
