@@ -10,6 +10,7 @@
 pub mod models;
 pub mod schedule;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 #[cfg(test)]
