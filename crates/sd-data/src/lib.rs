@@ -7,4 +7,15 @@
 mod error;
 pub mod resize;
 
+// Training data (dataset TOML, scan, buckets, captions, image preparation); see docs/dataset.md.
+pub mod bucket;
+pub mod caption;
+pub mod config;
+pub mod dataset;
+pub mod dataset_error;
+pub mod dataset_plan;
+pub mod dataset_rng;
+pub mod debug_listing;
+pub mod image_prep;
+
 pub use error::{Error, Result};
