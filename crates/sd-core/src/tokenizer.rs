@@ -303,10 +303,9 @@ impl ClipTokenizer {
                 if pat == "!" && !bang {
                     continue;
                 }
-                if let Some(pos) = rest.find(pat) {
-                    if next.is_none_or(|(p, _, _)| pos < p) {
-                        next = Some((pos, pat.len(), id));
-                    }
+                let earlier = |pos: &usize| next.is_none_or(|(p, _, _)| *pos < p);
+                if let Some(pos) = rest.find(pat).filter(earlier) {
+                    next = Some((pos, pat.len(), id));
                 }
             }
             let (segment, special) = match next {
