@@ -121,6 +121,22 @@ impl SafetensorsFile {
                 found: file_len,
             });
         }
+        // Other formats would otherwise read as an absurd header length; name them instead.
+        let other = if mmap.starts_with(crate::ckpt::ZIP_MAGIC) {
+            Some("a zip archive (a PyTorch checkpoint?)".to_string())
+        } else if crate::ckpt::looks_like_pickle(&mmap) {
+            Some("a pickle (a PyTorch checkpoint?)".to_string())
+        } else if crate::tensor_file::looks_like_text(&mmap) {
+            Some(crate::tensor_file::describe_bytes(&mmap))
+        } else {
+            None
+        };
+        if let Some(found) = other {
+            return Err(Error::InvalidHeader {
+                path: p(),
+                reason: format!("the file is {found}, not safetensors"),
+            });
+        }
         let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes checked above"));
         if n > HEADER_LIMIT {
             return Err(Error::HeaderTooLarge {

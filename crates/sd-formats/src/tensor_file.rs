@@ -154,13 +154,14 @@ impl TensorFile {
     }
 }
 
-fn looks_like_text(bytes: &[u8]) -> bool {
+/// Whether the first bytes are printable UTF-8 text.
+pub(crate) fn looks_like_text(bytes: &[u8]) -> bool {
     let head = &bytes[..bytes.len().min(512)];
     std::str::from_utf8(head).is_ok_and(|s| s.chars().all(|c| !c.is_control() || c.is_whitespace()))
 }
 
 /// A short description of what the first bytes of a file look like.
-fn describe_bytes(bytes: &[u8]) -> String {
+pub(crate) fn describe_bytes(bytes: &[u8]) -> String {
     if bytes.starts_with(b"\x89PNG") {
         return "a PNG image".into();
     }
