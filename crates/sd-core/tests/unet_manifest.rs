@@ -121,6 +121,9 @@ fn check(model: &str, unet: UnetConfig, vae: VaeConfig) {
         let virtual_mib = params * 4 / (1024 * 1024);
         // Tests in this binary run in parallel threads; 256 MiB bounds all of them together
         // while the U-Nets alone would need 3.3–9.8 GiB if the pages were touched.
+        println!(
+            "{model}: building U-Net + VAE grew RSS by {grown_mib} MiB; U-Net parameters {virtual_mib} MiB in f32"
+        );
         assert!(
             grown_mib < 256,
             "{model}: building grew RSS by {grown_mib} MiB (model is {virtual_mib} MiB)"

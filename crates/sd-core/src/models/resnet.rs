@@ -67,11 +67,12 @@ impl ResnetBlock2D {
     /// Runs the block; `temb` is ignored when the block has no `time_emb_proj`.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
         // 1. norm1 → SiLU → conv1
-        let mut h = self.conv1.forward(&self.norm1.forward(x).silu());
+        let h = self.conv1.forward(&self.norm1.forward(x).silu());
         // 2. add the projected time embedding per channel
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            h = h + proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
-        }
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => h + proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1),
+            _ => h,
+        };
         // 3. norm2 → SiLU → (dropout) → conv2
         let h = self.conv2.forward(&self.norm2.forward(&h).silu());
         // 4. shortcut and residual sum

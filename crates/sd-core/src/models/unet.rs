@@ -385,13 +385,13 @@ impl UnetConfig {
                 ));
             }
         }
-        if let Some(a) = self.addition {
-            if a.time_embed_dim < 1 || a.projection_input_dim <= 6 * a.time_embed_dim {
-                return bad(format!(
-                    "projection_class_embeddings_input_dim {} leaves no room for the pooled text embedding next to 6 × {}",
-                    a.projection_input_dim, a.time_embed_dim
-                ));
-            }
+        if let Some(a) = self.addition
+            && (a.time_embed_dim < 1 || a.projection_input_dim <= 6 * a.time_embed_dim)
+        {
+            return bad(format!(
+                "projection_class_embeddings_input_dim {} leaves no room for the pooled text embedding next to 6 × {}",
+                a.projection_input_dim, a.time_embed_dim
+            ));
         }
         Ok(())
     }
@@ -670,9 +670,11 @@ impl Unet {
             self.config.freq_shift,
         )
         .to_kind(kind);
-        let mut emb = self.time_embedding.forward(&t_emb);
+        let emb = self.time_embedding.forward(&t_emb);
         // 1b. SDXL text_time: [text_embeds, sinusoid(time_ids) flattened] → add_embedding
-        if let (Some(add_embedding), Some(a)) = (&self.add_embedding, self.config.addition) {
+        let emb = if let (Some(add_embedding), Some(a)) =
+            (&self.add_embedding, self.config.addition)
+        {
             let cond = added
                 .expect("an SDXL U-Net (addition_embed_type text_time) needs TextTimeCondition");
             let time_embeds = timestep_embedding(
@@ -684,8 +686,10 @@ impl Unet {
             .reshape([cond.text_embeds.size()[0], -1]);
             let add_embeds = Tensor::cat(&[cond.text_embeds.to_kind(Kind::Float), time_embeds], -1)
                 .to_kind(emb.kind());
-            emb = emb + add_embedding.forward(&add_embeds);
-        }
+            emb + add_embedding.forward(&add_embeds)
+        } else {
+            emb
+        };
 
         // 2. pre-process
         let mut h = self.conv_in.forward(sample);
