@@ -37,6 +37,14 @@ pub enum Error {
         #[source]
         source: image::ImageError,
     },
+    /// A JPEG output could not be encoded (e.g. a side above 65535 pixels).
+    #[error("cannot encode JPEG {}: {reason}", path.display())]
+    EncodeJpeg {
+        /// The output file.
+        path: PathBuf,
+        /// The encoder's message.
+        reason: String,
+    },
     /// The resampler refused the buffers (a bug rather than bad input; kept as an error).
     #[error("cannot resize {}: {message}", path.display())]
     Resize {
