@@ -60,7 +60,9 @@ impl BucketSettings {
         let mut warnings = Vec::new();
         let Resolution { width, height } = self.resolution;
         if width == 0 || height == 0 {
-            return Err(format!("resolution must be positive, found {width}x{height}"));
+            return Err(format!(
+                "resolution must be positive, found {width}x{height}"
+            ));
         }
         if !self.enable_bucket {
             return Ok((self, warnings));
@@ -69,16 +71,18 @@ impl BucketSettings {
         if d == 0 {
             return Err("bucket_reso_steps must be positive, found 0".to_owned());
         }
-        if self.min_bucket_reso % d != 0 {
-            let new = self.min_bucket_reso - self.min_bucket_reso % d;
+        let rem = self.min_bucket_reso % d;
+        if rem != 0 {
+            let new = self.min_bucket_reso - rem;
             warnings.push(format!(
                 "min_bucket_reso {} is not divisible by bucket_reso_steps {d}: rounded down to {new}",
                 self.min_bucket_reso
             ));
             self.min_bucket_reso = new;
         }
-        if self.max_bucket_reso % d != 0 {
-            let new = self.max_bucket_reso + d - self.max_bucket_reso % d;
+        let rem = self.max_bucket_reso % d;
+        if rem != 0 {
+            let new = self.max_bucket_reso + d - rem;
             warnings.push(format!(
                 "max_bucket_reso {} is not divisible by bucket_reso_steps {d}: rounded up to {new}",
                 self.max_bucket_reso
@@ -98,7 +102,9 @@ impl BucketSettings {
             ));
         }
         if self.bucket_no_upscale {
-            warnings.push("bucket_no_upscale: min_bucket_reso and max_bucket_reso are ignored".to_owned());
+            warnings.push(
+                "bucket_no_upscale: min_bucket_reso and max_bucket_reso are ignored".to_owned(),
+            );
         }
         Ok((self, warnings))
     }
@@ -112,7 +118,12 @@ impl BucketSettings {
 /// (512, 512) with 256..1024 step 64 gives 17 buckets; (1024, 1024) gives 25.
 ///
 /// `divisible` 0 is treated as 1.
-pub fn make_bucket_resolutions(max_reso: Resolution, min_size: u32, max_size: u32, divisible: u32) -> Vec<Resolution> {
+pub fn make_bucket_resolutions(
+    max_reso: Resolution,
+    min_size: u32,
+    max_size: u32,
+    divisible: u32,
+) -> Vec<Resolution> {
     let d = u64::from(divisible.max(1));
     let max_area = max_reso.pixels();
     let mut set = std::collections::BTreeSet::new();
@@ -176,9 +187,14 @@ impl BucketSelector {
     /// The selector for normalised settings.
     pub fn new(settings: &BucketSettings) -> Self {
         if !settings.enable_bucket {
-            Self::Disabled { resolution: settings.resolution }
+            Self::Disabled {
+                resolution: settings.resolution,
+            }
         } else if settings.bucket_no_upscale {
-            Self::NoUpscale { max_area: settings.resolution.pixels(), steps: settings.bucket_reso_steps.max(1) }
+            Self::NoUpscale {
+                max_area: settings.resolution.pixels(),
+                steps: settings.bucket_reso_steps.max(1),
+            }
         } else {
             Self::Predefined {
                 resos: make_bucket_resolutions(
@@ -206,7 +222,10 @@ impl BucketSelector {
     /// # Errors
     /// A message when the image has a zero side or its bucket would be empty.
     pub fn select(&self, size: Resolution) -> Result<BucketAssignment, String> {
-        let Resolution { width: w, height: h } = size;
+        let Resolution {
+            width: w,
+            height: h,
+        } = size;
         if w == 0 || h == 0 {
             return Err(format!("image has no pixels ({w}x{h})"));
         }
@@ -240,10 +259,18 @@ impl BucketSelector {
                     let rh = area / rw;
                     let bw1 = round(rw);
                     let bh1 = round(bw1 as f64 / ar);
-                    let ar1 = if bh1 == 0 { f64::INFINITY } else { bw1 as f64 / bh1 as f64 };
+                    let ar1 = if bh1 == 0 {
+                        f64::INFINITY
+                    } else {
+                        bw1 as f64 / bh1 as f64
+                    };
                     let bh2 = round(rh);
                     let bw2 = round(bh2 as f64 * ar);
-                    let ar2 = if bh2 == 0 { f64::INFINITY } else { bw2 as f64 / bh2 as f64 };
+                    let ar2 = if bh2 == 0 {
+                        f64::INFINITY
+                    } else {
+                        bw2 as f64 / bh2 as f64
+                    };
                     if (ar1 - ar).abs() < (ar2 - ar).abs() {
                         (bw1, (bw1 as f64 / ar + 0.5).floor() as u64)
                     } else {
@@ -273,7 +300,10 @@ impl BucketSelector {
                 assignment.resized
             ));
         }
-        Ok(BucketAssignment { ar_error: aspect(b) - ar, ..assignment })
+        Ok(BucketAssignment {
+            ar_error: aspect(b) - ar,
+            ..assignment
+        })
     }
 }
 
@@ -284,9 +314,17 @@ fn aspect(r: Resolution) -> f64 {
 /// Cover-scaling of `size` into `bucket` (the normal-mode rule of spec §3.3 step 2).
 fn cover(size: Resolution, bucket: Resolution) -> BucketAssignment {
     let (w, h) = (f64::from(size.width), f64::from(size.height));
-    let scale = if w / h > aspect(bucket) { f64::from(bucket.height) / h } else { f64::from(bucket.width) / w };
+    let scale = if w / h > aspect(bucket) {
+        f64::from(bucket.height) / h
+    } else {
+        f64::from(bucket.width) / w
+    };
     let side = |x: f64| clamp_u32((x * scale + 0.5).floor() as u64);
-    BucketAssignment { bucket, resized: Resolution::new(side(w), side(h)), ar_error: 0.0 }
+    BucketAssignment {
+        bucket,
+        resized: Resolution::new(side(w), side(h)),
+        ar_error: 0.0,
+    }
 }
 
 /// The SDXL crop box `crop_ltrb` (spec §3.4 step 5), in bucket pixels.
@@ -312,16 +350,29 @@ impl CropLtrb {
     pub fn new(bucket: Resolution, original: Resolution) -> Self {
         let (bw, bh) = (f64::from(bucket.width), f64::from(bucket.height));
         let image_ar = f64::from(original.width) / f64::from(original.height.max(1));
-        let (rw, rh) = if bw / bh > image_ar { (bh * image_ar, bh) } else { (bw, bw / image_ar) };
+        let (rw, rh) = if bw / bh > image_ar {
+            (bh * image_ar, bh)
+        } else {
+            (bw, bw / image_ar)
+        };
         let left = ((bw - rw) / 2.0).floor();
         let top = ((bh - rh) / 2.0).floor();
-        Self { left, top, right: left + rw, bottom: top + rh }
+        Self {
+            left,
+            top,
+            right: left + rw,
+            bottom: top + rh,
+        }
     }
 
     /// SDXL `crop_top_left` = (int(top), int(left)); with `flipped`, left becomes
     /// `bucket_width − right` first (spec §3.5).
     pub fn crop_top_left(&self, bucket_width: u32, flipped: bool) -> (u32, u32) {
-        let left = if flipped { f64::from(bucket_width) - self.right } else { self.left };
+        let left = if flipped {
+            f64::from(bucket_width) - self.right
+        } else {
+            self.left
+        };
         (self.top.max(0.0) as u32, left.max(0.0) as u32)
     }
 }
@@ -345,13 +396,23 @@ mod tests {
         let (n, w) = s.normalized().expect("valid");
         assert_eq!((n.min_bucket_reso, n.max_bucket_reso), (256, 1024));
         assert_eq!(w.len(), 2);
-        let bad = BucketSettings { min_bucket_reso: 640, ..s };
-        assert!(bad.normalized().unwrap_err().contains("min_bucket_reso 640"));
+        let bad = BucketSettings {
+            min_bucket_reso: 640,
+            ..s
+        };
+        assert!(
+            bad.normalized()
+                .unwrap_err()
+                .contains("min_bucket_reso 640")
+        );
     }
 
     #[test]
     fn no_upscale_keeps_small_images() {
-        let sel = BucketSelector::NoUpscale { max_area: 512 * 512, steps: 64 };
+        let sel = BucketSelector::NoUpscale {
+            max_area: 512 * 512,
+            steps: 64,
+        };
         let a = sel.select(r(300, 200)).expect("fits");
         assert_eq!(a.resized, r(300, 200));
         assert_eq!(a.bucket, r(256, 192));

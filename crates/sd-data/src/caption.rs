@@ -97,14 +97,21 @@ pub fn caption_candidates(image: &Path, caption_extension: &str) -> Vec<PathBuf>
     let mut out = vec![PathBuf::from(format!("{base_text}{ext}"))];
     let parts: Vec<&str> = base_text.split('_').collect();
     if parts.len() >= 5 {
-        out.push(PathBuf::from(format!("{}{ext}", parts[..parts.len() - 4].join("_"))));
+        out.push(PathBuf::from(format!(
+            "{}{ext}",
+            parts[..parts.len() - 4].join("_")
+        )));
     }
     out
 }
 
 /// `caption_extension` with a leading "." (sd-scripts prepends one when missing).
 pub fn normalize_extension(ext: &str) -> String {
-    if ext.is_empty() || ext.starts_with('.') { ext.to_owned() } else { format!(".{ext}") }
+    if ext.is_empty() || ext.starts_with('.') {
+        ext.to_owned()
+    } else {
+        format!(".{ext}")
+    }
 }
 
 /// A caption file's content as used for training, plus remarks about odd files.
@@ -134,7 +141,10 @@ pub struct CaptionFile {
 pub fn read_caption_file(path: &Path, enable_wildcard: bool) -> Result<CaptionFile, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read caption file: {e}"))?;
     let text = String::from_utf8(bytes).map_err(|e| {
-        format!("caption file is not valid UTF-8 (invalid byte at offset {})", e.utf8_error().valid_up_to())
+        format!(
+            "caption file is not valid UTF-8 (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let lines: Vec<&str> = text.lines().collect();
@@ -142,7 +152,11 @@ pub fn read_caption_file(path: &Path, enable_wildcard: bool) -> Result<CaptionFi
         return Err("caption file is empty (0 lines)".to_owned());
     }
     let mut warnings = Vec::new();
-    let non_empty: Vec<&str> = lines.iter().map(|l| l.trim()).filter(|l| !l.is_empty()).collect();
+    let non_empty: Vec<&str> = lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect();
     let caption = if enable_wildcard {
         non_empty.join("\n")
     } else {
@@ -176,7 +190,12 @@ pub fn read_caption_file(path: &Path, enable_wildcard: bool) -> Result<CaptionFi
 ///   space, e.g. `", "` for the default `","` and `"; "` for `";"`. The reference always
 ///   joins with `", "`, which silently replaces a custom separator when shuffling.
 /// * The epoch in [`CaptionProgress`] is the epoch being built (spec §15 #1 fixed).
-pub fn process_caption(caption: &str, opts: &CaptionOptions, progress: CaptionProgress, rng: &mut DataRng) -> String {
+pub fn process_caption(
+    caption: &str,
+    opts: &CaptionOptions,
+    progress: CaptionProgress,
+    rng: &mut DataRng,
+) -> String {
     let mut caption = caption.to_owned();
     if let Some(prefix) = opts.caption_prefix.as_deref().filter(|p| !p.is_empty()) {
         caption = format!("{prefix} {caption}");
@@ -187,7 +206,8 @@ pub fn process_caption(caption: &str, opts: &CaptionOptions, progress: CaptionPr
 
     let mut drop = opts.caption_dropout_rate > 0.0 && rng.uniform() < opts.caption_dropout_rate;
     let every = opts.caption_dropout_every_n_epochs;
-    drop = drop || (every > 0 && progress.epoch % every == 0);
+    // `every > 0` guards the remainder.
+    drop = drop || (every > 0 && progress.epoch.checked_rem(every) == Some(0));
     if drop {
         return String::new();
     }
@@ -206,26 +226,45 @@ pub fn process_caption(caption: &str, opts: &CaptionOptions, progress: CaptionPr
         caption = process_tokens(&caption, opts, progress, rng);
     }
 
-    if let Some(sec) = opts.secondary_separator.as_deref().filter(|s| !s.is_empty()) {
+    if let Some(sec) = opts
+        .secondary_separator
+        .as_deref()
+        .filter(|s| !s.is_empty())
+    {
         caption = caption.replace(sec, &opts.caption_separator);
     }
     caption
 }
 
 fn split_trimmed<'a>(text: &'a str, sep: &str, keep_empty: bool) -> Vec<&'a str> {
-    let pieces: Box<dyn Iterator<Item = &'a str>> =
-        if sep.is_empty() { Box::new(std::iter::once(text)) } else { Box::new(text.split(sep)) };
-    pieces.map(str::trim).filter(|t| keep_empty || !t.is_empty()).collect()
+    let pieces: Box<dyn Iterator<Item = &'a str>> = if sep.is_empty() {
+        Box::new(std::iter::once(text))
+    } else {
+        Box::new(text.split(sep))
+    };
+    pieces
+        .map(str::trim)
+        .filter(|t| keep_empty || !t.is_empty())
+        .collect()
 }
 
-fn process_tokens(caption: &str, opts: &CaptionOptions, progress: CaptionProgress, rng: &mut DataRng) -> String {
+fn process_tokens(
+    caption: &str,
+    opts: &CaptionOptions,
+    progress: CaptionProgress,
+    rng: &mut DataRng,
+) -> String {
     let sep = opts.caption_separator.as_str();
     let kts = opts.keep_tokens_separator.as_str();
     let (fixed, mut flex, suffix): (Vec<&str>, Vec<&str>, Vec<&str>) =
         if !kts.is_empty() && caption.contains(kts) {
             let (fixed_part, rest) = caption.split_once(kts).expect("contains the separator");
             let (flex_part, suffix_part) = rest.split_once(kts).unwrap_or((rest, ""));
-            (split_trimmed(fixed_part, sep, false), split_trimmed(flex_part, sep, false), split_trimmed(suffix_part, sep, false))
+            (
+                split_trimmed(fixed_part, sep, false),
+                split_trimmed(flex_part, sep, false),
+                split_trimmed(suffix_part, sep, false),
+            )
         } else {
             let tokens = split_trimmed(caption.trim(), sep, true);
             let k = (opts.keep_tokens as usize).min(tokens.len());
@@ -249,13 +288,22 @@ fn process_tokens(caption: &str, opts: &CaptionOptions, progress: CaptionProgres
         flex.retain(|_| rng.uniform() >= opts.caption_tag_dropout_rate);
     }
     let joiner = format!("{} ", sep.trim_end());
-    fixed.into_iter().chain(flex).chain(suffix).collect::<Vec<_>>().join(&joiner)
+    fixed
+        .into_iter()
+        .chain(flex)
+        .chain(suffix)
+        .collect::<Vec<_>>()
+        .join(&joiner)
 }
 
 /// End index of Python's `list[:n]` for a list of `len` elements.
 fn python_slice_end(n: i64, len: usize) -> usize {
     let len_i = len as i64;
-    if n < 0 { (len_i + n).max(0) as usize } else { n.min(len_i) as usize }
+    if n < 0 {
+        (len_i + n).max(0) as usize
+    } else {
+        n.min(len_i) as usize
+    }
 }
 
 /// Replaces every `{a|b|…}` group (regex `\{([^}]+)\}`) by one uniformly chosen alternative;

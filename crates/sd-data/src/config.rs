@@ -158,10 +158,16 @@ pub fn parse_resolution_arg(text: &str) -> DatasetResult<Resolution> {
         path: PathBuf::from(COMMAND_LINE),
         table: "options".to_owned(),
         key: "--resolution".to_owned(),
-        reason: format!("expected \"SIZE\" or \"WIDTH,HEIGHT\" with positive integers, found \"{text}\""),
+        reason: format!(
+            "expected \"SIZE\" or \"WIDTH,HEIGHT\" with positive integers, found \"{text}\""
+        ),
     };
     let parts: Vec<&str> = text.split(',').map(str::trim).collect();
-    let nums: Vec<u32> = parts.iter().map(|p| p.parse::<u32>().ok().filter(|&v| v > 0)).collect::<Option<_>>().ok_or_else(bad)?;
+    let nums: Vec<u32> = parts
+        .iter()
+        .map(|p| p.parse::<u32>().ok().filter(|&v| v > 0))
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
     match nums.as_slice() {
         [s] => Ok(Resolution::new(*s, *s)),
         [w, h] => Ok(Resolution::new(*w, *h)),
@@ -276,12 +282,19 @@ impl DatasetGroupConfig {
                 return Err(err(
                     i,
                     "bucket_reso_steps",
-                    format!("must be divisible by {} for this model, found {steps}", checks.bucket_step_divisor),
+                    format!(
+                        "must be divisible by {} for this model, found {steps}",
+                        checks.bucket_step_divisor
+                    ),
                 ));
             }
             for s in &ds.subsets {
                 if checks.cache_latents && (s.augment.color_aug || s.augment.random_crop) {
-                    return Err(err(i, "color_aug/random_crop", "not allowed with --cache_latents".to_owned()));
+                    return Err(err(
+                        i,
+                        "color_aug/random_crop",
+                        "not allowed with --cache_latents".to_owned(),
+                    ));
                 }
                 let c = &s.caption;
                 if checks.cache_text_encoder_outputs
@@ -343,7 +356,9 @@ impl Kind {
             Self::FloatOrInt => is_int(v) || is_float(v),
             Self::Bool => matches!(v, V::Boolean(_)),
             Self::Str => matches!(v, V::String(_)),
-            Self::IntOrPair => is_int(v) || matches!(v, V::Array(a) if a.len() == 2 && a.iter().all(is_int)),
+            Self::IntOrPair => {
+                is_int(v) || matches!(v, V::Array(a) if a.len() == 2 && a.iter().all(is_int))
+            }
             Self::FloatPair => matches!(v, V::Array(a) if a.len() == 2 && a.iter().all(is_float)),
             Self::Table => matches!(v, V::Table(_)),
         }
@@ -416,7 +431,12 @@ fn type_name(v: &toml::Value) -> String {
 }
 
 /// Checks every key of one table against the schema for its level.
-fn check_table(path: &Path, table_name: &str, table: &toml::Table, level: Level) -> DatasetResult<()> {
+fn check_table(
+    path: &Path,
+    table_name: &str,
+    table: &toml::Table,
+    level: Level,
+) -> DatasetResult<()> {
     for (key, value) in table {
         if level == Level::Dataset && key == "subsets" {
             continue;
@@ -427,7 +447,7 @@ fn check_table(path: &Path, table_name: &str, table: &toml::Table, level: Level)
             Scope::Subset => true,
             Scope::SubsetOnly => level == Level::Subset,
         });
-        let Some((_, kind, scope)) = spec.filter(|_| allowed) else {
+        let Some((_, kind, _)) = spec.filter(|_| allowed) else {
             let allowed_elsewhere = spec.map(|(_, _, scope)| match scope {
                 Scope::Dataset => "allowed in [general] and [[datasets]] only".to_owned(),
                 _ => "allowed in [[datasets.subsets]] only".to_owned(),
@@ -443,7 +463,6 @@ fn check_table(path: &Path, table_name: &str, table: &toml::Table, level: Level)
                 allowed_elsewhere,
             });
         };
-        let _ = scope;
         if !kind.accepts(value) {
             return Err(DatasetError::WrongType {
                 path: path.to_path_buf(),
@@ -468,11 +487,18 @@ struct Chain<'a> {
 
 impl<'a> Chain<'a> {
     fn find(&self, key: &str) -> Option<(&'a toml::Value, &str)> {
-        self.layers.iter().find_map(|(t, name)| t.get(key).map(|v| (v, name.as_str())))
+        self.layers
+            .iter()
+            .find_map(|(t, name)| t.get(key).map(|v| (v, name.as_str())))
     }
 
     fn invalid(&self, table: &str, key: &str, reason: String) -> DatasetError {
-        DatasetError::InvalidValue { path: self.path.to_path_buf(), table: table.to_owned(), key: key.to_owned(), reason }
+        DatasetError::InvalidValue {
+            path: self.path.to_path_buf(),
+            table: table.to_owned(),
+            key: key.to_owned(),
+            reason,
+        }
     }
 
     fn bool(&self, key: &str, cli: bool) -> bool {
@@ -480,7 +506,9 @@ impl<'a> Chain<'a> {
     }
 
     fn string(&self, key: &str) -> Option<String> {
-        self.find(key).and_then(|(v, _)| v.as_str()).map(str::to_owned)
+        self.find(key)
+            .and_then(|(v, _)| v.as_str())
+            .map(str::to_owned)
     }
 
     fn float(&self, key: &str, cli: f64) -> f64 {
@@ -492,7 +520,9 @@ impl<'a> Chain<'a> {
     }
 
     fn int(&self, key: &str, cli: i64) -> i64 {
-        self.find(key).and_then(|(v, _)| v.as_integer()).unwrap_or(cli)
+        self.find(key)
+            .and_then(|(v, _)| v.as_integer())
+            .unwrap_or(cli)
     }
 
     /// An integer in `min..=u32::MAX`; `origin` names where a CLI value came from.
@@ -504,7 +534,13 @@ impl<'a> Chain<'a> {
         u32::try_from(value)
             .ok()
             .filter(|&v| i64::from(v) >= min)
-            .ok_or_else(|| self.invalid(&table, key, format!("expected an integer of at least {min}, found {value}")))
+            .ok_or_else(|| {
+                self.invalid(
+                    &table,
+                    key,
+                    format!("expected an integer of at least {min}, found {value}"),
+                )
+            })
     }
 
     fn rate(&self, key: &str, cli: f64) -> DatasetResult<f64> {
@@ -512,15 +548,28 @@ impl<'a> Chain<'a> {
         if (0.0..=1.0).contains(&v) {
             Ok(v)
         } else {
-            let table = self.find(key).map_or_else(|| COMMAND_LINE.to_owned(), |(_, t)| t.to_owned());
-            Err(self.invalid(&table, key, format!("expected a probability in [0, 1], found {v}")))
+            let table = self
+                .find(key)
+                .map_or_else(|| COMMAND_LINE.to_owned(), |(_, t)| t.to_owned());
+            Err(self.invalid(
+                &table,
+                key,
+                format!("expected a probability in [0, 1], found {v}"),
+            ))
         }
     }
 }
 
-fn resolve_subset(chain: &Chain<'_>, args: &DatasetArgs, kind: DatasetKind) -> DatasetResult<SubsetConfig> {
+fn resolve_subset(
+    chain: &Chain<'_>,
+    args: &DatasetArgs,
+    kind: DatasetKind,
+) -> DatasetResult<SubsetConfig> {
     let face = match chain.find("face_crop_aug_range") {
-        Some((toml::Value::Array(a), _)) => Some((a[0].as_float().unwrap_or(0.0), a[1].as_float().unwrap_or(0.0))),
+        Some((toml::Value::Array(a), _)) => Some((
+            a[0].as_float().unwrap_or(0.0),
+            a[1].as_float().unwrap_or(0.0),
+        )),
         _ => args.face_crop_aug_range,
     };
     if let Some((a, b)) = face {
@@ -534,7 +583,10 @@ fn resolve_subset(chain: &Chain<'_>, args: &DatasetArgs, kind: DatasetKind) -> D
     let interpolation = match chain.find("resize_interpolation") {
         Some((v, table)) => {
             let name = v.as_str().unwrap_or_default();
-            Some(ResizeInterpolation::parse(name, true).map_err(|reason| chain.invalid(table, "resize_interpolation", reason))?)
+            Some(
+                ResizeInterpolation::parse(name, true)
+                    .map_err(|reason| chain.invalid(table, "resize_interpolation", reason))?,
+            )
         }
         None => args.resize_interpolation,
     };
@@ -544,25 +596,41 @@ fn resolve_subset(chain: &Chain<'_>, args: &DatasetArgs, kind: DatasetKind) -> D
         .unwrap_or_else(|| args.caption_extension.clone());
     let token_warmup_step = chain.float("token_warmup_step", args.token_warmup_step);
     if token_warmup_step < 0.0 {
-        return Err(chain.invalid("", "token_warmup_step", format!("expected a value >= 0, found {token_warmup_step}")));
+        return Err(chain.invalid(
+            "",
+            "token_warmup_step",
+            format!("expected a value >= 0, found {token_warmup_step}"),
+        ));
     }
     let caption = CaptionOptions {
         shuffle_caption: chain.bool("shuffle_caption", args.shuffle_caption),
-        caption_separator: chain.string("caption_separator").unwrap_or_else(|| args.caption_separator.clone()),
+        caption_separator: chain
+            .string("caption_separator")
+            .unwrap_or_else(|| args.caption_separator.clone()),
         keep_tokens: chain.uint("keep_tokens", args.keep_tokens, 0)?,
         keep_tokens_separator: chain
             .string("keep_tokens_separator")
             .unwrap_or_else(|| args.keep_tokens_separator.clone()),
-        secondary_separator: chain.string("secondary_separator").or_else(|| args.secondary_separator.clone()),
+        secondary_separator: chain
+            .string("secondary_separator")
+            .or_else(|| args.secondary_separator.clone()),
         enable_wildcard: chain.bool("enable_wildcard", args.enable_wildcard),
-        caption_prefix: chain.string("caption_prefix").or_else(|| args.caption_prefix.clone()),
-        caption_suffix: chain.string("caption_suffix").or_else(|| args.caption_suffix.clone()),
+        caption_prefix: chain
+            .string("caption_prefix")
+            .or_else(|| args.caption_prefix.clone()),
+        caption_suffix: chain
+            .string("caption_suffix")
+            .or_else(|| args.caption_suffix.clone()),
         token_warmup_min: chain.uint("token_warmup_min", args.token_warmup_min, 0)?,
         token_warmup_step,
         caption_dropout_rate: chain.rate("caption_dropout_rate", args.caption_dropout_rate)?,
-        caption_dropout_every_n_epochs: chain
-            .uint("caption_dropout_every_n_epochs", args.caption_dropout_every_n_epochs, 0)?,
-        caption_tag_dropout_rate: chain.rate("caption_tag_dropout_rate", args.caption_tag_dropout_rate)?,
+        caption_dropout_every_n_epochs: chain.uint(
+            "caption_dropout_every_n_epochs",
+            args.caption_dropout_every_n_epochs,
+            0,
+        )?,
+        caption_tag_dropout_rate: chain
+            .rate("caption_tag_dropout_rate", args.caption_tag_dropout_rate)?,
     };
     let custom_attributes = match chain.find("custom_attributes") {
         Some((v, _)) => serde_json::to_value(v).unwrap_or(serde_json::Value::Null),
@@ -607,15 +675,29 @@ fn resolve_dataset_params(
     let resolution = match chain.find("resolution") {
         Some((toml::Value::Integer(s), t)) => {
             let s = u32::try_from(*s).ok().filter(|&s| s > 0).ok_or_else(|| {
-                chain.invalid(t, "resolution", format!("expected a positive integer, found {s}"))
+                chain.invalid(
+                    t,
+                    "resolution",
+                    format!("expected a positive integer, found {s}"),
+                )
             })?;
             Resolution::new(s, s)
         }
         Some((toml::Value::Array(a), t)) => {
-            let side = |v: &toml::Value| v.as_integer().and_then(|i| u32::try_from(i).ok()).filter(|&i| i > 0);
+            let side = |v: &toml::Value| {
+                v.as_integer()
+                    .and_then(|i| u32::try_from(i).ok())
+                    .filter(|&i| i > 0)
+            };
             match (side(&a[0]), side(&a[1])) {
                 (Some(w), Some(h)) => Resolution::new(w, h),
-                _ => return Err(chain.invalid(t, "resolution", "expected two positive integers".to_owned())),
+                _ => {
+                    return Err(chain.invalid(
+                        t,
+                        "resolution",
+                        "expected two positive integers".to_owned(),
+                    ));
+                }
             }
         }
         _ => args.resolution.ok_or_else(|| DatasetError::MissingKey {
@@ -633,11 +715,15 @@ fn resolve_dataset_params(
         bucket_reso_steps: chain.uint("bucket_reso_steps", args.bucket_reso_steps, 1)?,
         bucket_no_upscale: chain.bool("bucket_no_upscale", args.bucket_no_upscale),
     };
-    let (buckets, bucket_warnings) =
-        settings.normalized().map_err(|reason| chain.invalid(table, "resolution/bucket limits", reason))?;
+    let (buckets, bucket_warnings) = settings
+        .normalized()
+        .map_err(|reason| chain.invalid(table, "resolution/bucket limits", reason))?;
     warnings.extend(bucket_warnings.into_iter().map(|w| format!("{table}: {w}")));
     let validation_split = chain.float("validation_split", args.validation_split);
-    let validation_seed = chain.find("validation_seed").and_then(|(v, _)| v.as_integer()).or(args.validation_seed);
+    let validation_seed = chain
+        .find("validation_seed")
+        .and_then(|(v, _)| v.as_integer())
+        .or(args.validation_seed);
     Ok(DatasetConfig {
         kind,
         batch_size: chain.uint("batch_size", args.train_batch_size, 1)?,
@@ -661,10 +747,16 @@ fn resolve_dataset_params(
 /// dataset kinds, unsupported options — each naming the file, table and key.
 pub fn load_dataset_config(path: &Path, args: &DatasetArgs) -> DatasetResult<DatasetGroupConfig> {
     let text = std::fs::read_to_string(path).map_err(io_err("reading dataset config", path))?;
-    let is_json = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let is_json = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
     let table = if is_json {
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| DatasetError::TomlSyntax { path: path.to_path_buf(), message: format!("invalid JSON: {e}") })?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| DatasetError::TomlSyntax {
+                path: path.to_path_buf(),
+                message: format!("invalid JSON: {e}"),
+            })?;
         match json_to_toml(&value) {
             Some(toml::Value::Table(t)) => t,
             _ => {
@@ -676,7 +768,10 @@ pub fn load_dataset_config(path: &Path, args: &DatasetArgs) -> DatasetResult<Dat
         }
     } else {
         text.parse::<toml::Table>()
-            .map_err(|e| DatasetError::TomlSyntax { path: path.to_path_buf(), message: e.to_string().trim_end().to_owned() })?
+            .map_err(|e| DatasetError::TomlSyntax {
+                path: path.to_path_buf(),
+                message: e.to_string().trim_end().to_owned(),
+            })?
     };
     resolve_dataset_table(&table, path, args)
 }
@@ -692,7 +787,11 @@ fn json_to_toml(v: &serde_json::Value) -> Option<toml::Value> {
         },
         J::String(s) => toml::Value::String(s.clone()),
         J::Array(a) => toml::Value::Array(a.iter().map(json_to_toml).collect::<Option<_>>()?),
-        J::Object(o) => toml::Value::Table(o.iter().map(|(k, v)| Some((k.clone(), json_to_toml(v)?))).collect::<Option<_>>()?),
+        J::Object(o) => toml::Value::Table(
+            o.iter()
+                .map(|(k, v)| Some((k.clone(), json_to_toml(v)?)))
+                .collect::<Option<_>>()?,
+        ),
     })
 }
 
@@ -700,7 +799,11 @@ fn json_to_toml(v: &serde_json::Value) -> Option<toml::Value> {
 ///
 /// # Errors
 /// As [`load_dataset_config`].
-pub fn resolve_dataset_table(root: &toml::Table, path: &Path, args: &DatasetArgs) -> DatasetResult<DatasetGroupConfig> {
+pub fn resolve_dataset_table(
+    root: &toml::Table,
+    path: &Path,
+    args: &DatasetArgs,
+) -> DatasetResult<DatasetGroupConfig> {
     let mut warnings = Vec::new();
     for key in root.keys() {
         if key != "general" && key != "datasets" {
@@ -708,7 +811,9 @@ pub fn resolve_dataset_table(root: &toml::Table, path: &Path, args: &DatasetArgs
                 path: path.to_path_buf(),
                 table: "the top level".to_owned(),
                 key: key.clone(),
-                allowed_elsewhere: Some("the top level may only hold [general] and [[datasets]]".to_owned()),
+                allowed_elsewhere: Some(
+                    "the top level may only hold [general] and [[datasets]]".to_owned(),
+                ),
             });
         }
     }
@@ -734,7 +839,9 @@ pub fn resolve_dataset_table(root: &toml::Table, path: &Path, args: &DatasetArgs
                 path: path.to_path_buf(),
                 table: "the top level".to_owned(),
                 key: "datasets".to_owned(),
-                hint: Some("add at least one [[datasets]] table with [[datasets.subsets]]".to_owned()),
+                hint: Some(
+                    "add at least one [[datasets]] table with [[datasets.subsets]]".to_owned(),
+                ),
             });
         }
         Some(other) => {
@@ -747,8 +854,14 @@ pub fn resolve_dataset_table(root: &toml::Table, path: &Path, args: &DatasetArgs
             });
         }
     };
-    for dir in [&args.train_data_dir, &args.reg_data_dir, &args.in_json].into_iter().flatten() {
-        warnings.push(format!("{} is ignored because a dataset config is given", dir.display()));
+    for dir in [&args.train_data_dir, &args.reg_data_dir, &args.in_json]
+        .into_iter()
+        .flatten()
+    {
+        warnings.push(format!(
+            "{} is ignored because a dataset config is given",
+            dir.display()
+        ));
     }
     let mut out = Vec::new();
     for (di, ds_value) in datasets.iter().enumerate() {
@@ -798,13 +911,19 @@ pub fn resolve_dataset_table(root: &toml::Table, path: &Path, args: &DatasetArgs
             check_table(path, &name, st, Level::Subset)?;
             subset_tables.push((st, name));
         }
-        let with_meta = subset_tables.iter().filter(|(t, _)| t.contains_key("metadata_file")).count();
+        let with_meta = subset_tables
+            .iter()
+            .filter(|(t, _)| t.contains_key("metadata_file"))
+            .count();
         let kind = if with_meta == 0 {
             DatasetKind::DreamBooth
         } else if with_meta == subset_tables.len() {
             DatasetKind::FineTuning
         } else {
-            return Err(DatasetError::MixedDatasetKinds { path: path.to_path_buf(), table: ds_name });
+            return Err(DatasetError::MixedDatasetKinds {
+                path: path.to_path_buf(),
+                table: ds_name,
+            });
         };
         let mut resolved = Vec::new();
         let mut seen = HashSet::new();
@@ -813,7 +932,8 @@ pub fn resolve_dataset_table(root: &toml::Table, path: &Path, args: &DatasetArgs
                 return Err(DatasetError::Unsupported {
                     option: format!("conditioning_data_dir in {name}"),
                     reason: if args.masked_loss {
-                        "masked-loss (ControlNet-style) datasets are not implemented by sd-data yet".to_owned()
+                        "masked-loss (ControlNet-style) datasets are not implemented by sd-data yet"
+                            .to_owned()
                     } else {
                         "it needs --masked_loss, and masked-loss datasets are not implemented by sd-data yet".to_owned()
                     },
@@ -821,35 +941,71 @@ pub fn resolve_dataset_table(root: &toml::Table, path: &Path, args: &DatasetArgs
             }
             let chain = Chain {
                 path,
-                layers: vec![(*st, name.clone()), (ds, ds_name.clone()), (general, "[general]".to_owned())],
+                layers: vec![
+                    (*st, name.clone()),
+                    (ds, ds_name.clone()),
+                    (general, "[general]".to_owned()),
+                ],
             };
             let subset = resolve_subset(&chain, args, kind)?;
             let identity = match kind {
-                DatasetKind::DreamBooth => subset.image_dir.clone().ok_or_else(|| DatasetError::MissingKey {
-                    path: path.to_path_buf(),
-                    table: name.clone(),
-                    key: "image_dir".to_owned(),
-                    hint: Some("DreamBooth subsets need the folder holding their images".to_owned()),
-                })?,
-                DatasetKind::FineTuning => subset.metadata_file.clone().expect("fine-tuning subsets have metadata_file"),
+                DatasetKind::DreamBooth => {
+                    subset
+                        .image_dir
+                        .clone()
+                        .ok_or_else(|| DatasetError::MissingKey {
+                            path: path.to_path_buf(),
+                            table: name.clone(),
+                            key: "image_dir".to_owned(),
+                            hint: Some(
+                                "DreamBooth subsets need the folder holding their images"
+                                    .to_owned(),
+                            ),
+                        })?
+                }
+                DatasetKind::FineTuning => subset
+                    .metadata_file
+                    .clone()
+                    .expect("fine-tuning subsets have metadata_file"),
             };
             if !seen.insert(identity.clone()) {
-                warnings.push(format!("{name}: duplicate subset {} ignored", identity.display()));
+                warnings.push(format!(
+                    "{name}: duplicate subset {} ignored",
+                    identity.display()
+                ));
                 continue;
             }
             if subset.num_repeats < 1 {
-                warnings.push(format!("{name}: num_repeats {} < 1, subset ignored", subset.num_repeats));
+                warnings.push(format!(
+                    "{name}: num_repeats {} < 1, subset ignored",
+                    subset.num_repeats
+                ));
                 continue;
             }
             if subset.cache_info {
-                warnings.push(format!("{name}: cache_info has no effect (sizes and captions are read from the files)"));
+                warnings.push(format!(
+                    "{name}: cache_info has no effect (sizes and captions are read from the files)"
+                ));
             }
             resolved.push(subset);
         }
-        let chain = Chain { path, layers: vec![(ds, ds_name.clone()), (general, "[general]".to_owned())] };
-        out.push(resolve_dataset_params(&chain, args, kind, resolved, &mut warnings, &ds_name)?);
+        let chain = Chain {
+            path,
+            layers: vec![(ds, ds_name.clone()), (general, "[general]".to_owned())],
+        };
+        out.push(resolve_dataset_params(
+            &chain,
+            args,
+            kind,
+            resolved,
+            &mut warnings,
+            &ds_name,
+        )?);
     }
-    Ok(DatasetGroupConfig { datasets: out, warnings })
+    Ok(DatasetGroupConfig {
+        datasets: out,
+        warnings,
+    })
 }
 
 /// Builds the dataset description from command-line options only (no `--dataset_config`),
@@ -865,38 +1021,67 @@ pub fn resolve_dataset_table(root: &toml::Table, path: &Path, args: &DatasetArgs
 pub fn config_from_args(args: &DatasetArgs) -> DatasetResult<DatasetGroupConfig> {
     let cli = Path::new(COMMAND_LINE);
     let mut warnings = Vec::new();
-    let train_dir = args.train_data_dir.clone().ok_or_else(|| DatasetError::MissingKey {
-        path: cli.to_path_buf(),
-        table: "options".to_owned(),
-        key: "--train_data_dir".to_owned(),
-        hint: Some("or give --dataset_config".to_owned()),
-    })?;
-    let empty = toml::Table::new();
+    let train_dir = args
+        .train_data_dir
+        .clone()
+        .ok_or_else(|| DatasetError::MissingKey {
+            path: cli.to_path_buf(),
+            table: "options".to_owned(),
+            key: "--train_data_dir".to_owned(),
+            hint: Some("or give --dataset_config".to_owned()),
+        })?;
     let (kind, subsets) = if let Some(meta) = &args.in_json {
         let mut t = toml::Table::new();
-        t.insert("image_dir".to_owned(), toml::Value::String(train_dir.to_string_lossy().into_owned()));
-        t.insert("metadata_file".to_owned(), toml::Value::String(meta.to_string_lossy().into_owned()));
-        let chain = Chain { path: cli, layers: vec![(&t, "options".to_owned())] };
-        (DatasetKind::FineTuning, vec![resolve_subset(&chain, args, DatasetKind::FineTuning)?])
+        t.insert(
+            "image_dir".to_owned(),
+            toml::Value::String(train_dir.to_string_lossy().into_owned()),
+        );
+        t.insert(
+            "metadata_file".to_owned(),
+            toml::Value::String(meta.to_string_lossy().into_owned()),
+        );
+        let chain = Chain {
+            path: cli,
+            layers: vec![(&t, "options".to_owned())],
+        };
+        (
+            DatasetKind::FineTuning,
+            vec![resolve_subset(&chain, args, DatasetKind::FineTuning)?],
+        )
     } else {
         let mut subsets = Vec::new();
-        for (dir, is_reg) in [(Some(&train_dir), false), (args.reg_data_dir.as_ref(), true)] {
+        for (dir, is_reg) in [
+            (Some(&train_dir), false),
+            (args.reg_data_dir.as_ref(), true),
+        ] {
             let Some(dir) = dir else { continue };
             for (folder, repeats, tokens) in repeat_folders(dir, &mut warnings)? {
                 let mut t = toml::Table::new();
-                t.insert("image_dir".to_owned(), toml::Value::String(folder.to_string_lossy().into_owned()));
+                t.insert(
+                    "image_dir".to_owned(),
+                    toml::Value::String(folder.to_string_lossy().into_owned()),
+                );
                 t.insert("num_repeats".to_owned(), toml::Value::Integer(repeats));
                 t.insert("class_tokens".to_owned(), toml::Value::String(tokens));
                 t.insert("is_reg".to_owned(), toml::Value::Boolean(is_reg));
-                let chain = Chain { path: cli, layers: vec![(&t, "options".to_owned()), (&empty, String::new())] };
+                let chain = Chain {
+                    path: cli,
+                    layers: vec![(&t, "options".to_owned())],
+                };
                 subsets.push(resolve_subset(&chain, args, DatasetKind::DreamBooth)?);
             }
         }
         (DatasetKind::DreamBooth, subsets)
     };
-    let chain = Chain { path: cli, layers: vec![] };
+    let chain = Chain {
+        path: cli,
+        layers: vec![],
+    };
     let ds = resolve_dataset_params(&chain, args, kind, subsets, &mut warnings, "options")?;
-    Ok(DatasetGroupConfig { datasets: vec![ds], warnings })
+    Ok(DatasetGroupConfig {
+        datasets: vec![ds],
+        warnings,
+    })
 }
 
 /// Parses a DreamBooth folder name `N_tokens` into (N, tokens). `"10"` gives (10, "").
@@ -906,7 +1091,10 @@ pub fn parse_repeat_folder(name: &str) -> Option<(i64, String)> {
     n.parse::<i64>().ok().map(|n| (n, tokens.to_owned()))
 }
 
-fn repeat_folders(dir: &Path, warnings: &mut Vec<String>) -> DatasetResult<Vec<(PathBuf, i64, String)>> {
+fn repeat_folders(
+    dir: &Path,
+    warnings: &mut Vec<String>,
+) -> DatasetResult<Vec<(PathBuf, i64, String)>> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(io_err("listing", dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -915,10 +1103,16 @@ fn repeat_folders(dir: &Path, warnings: &mut Vec<String>) -> DatasetResult<Vec<(
     entries.sort();
     let mut out = Vec::new();
     for p in entries {
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         match parse_repeat_folder(&name) {
             Some((n, tokens)) if n >= 1 => out.push((p, n, tokens)),
-            Some((n, _)) => warnings.push(format!("{}: repeat count {n} < 1, folder ignored", p.display())),
+            Some((n, _)) => warnings.push(format!(
+                "{}: repeat count {n} < 1, folder ignored",
+                p.display()
+            )),
             None => warnings.push(format!(
                 "{}: folder name does not start with \"<repeats>_\", folder ignored",
                 p.display()
@@ -934,7 +1128,10 @@ mod tests {
 
     #[test]
     fn folder_names() {
-        assert_eq!(parse_repeat_folder("10_tok photo"), Some((10, "tok photo".to_owned())));
+        assert_eq!(
+            parse_repeat_folder("10_tok photo"),
+            Some((10, "tok photo".to_owned()))
+        );
         assert_eq!(parse_repeat_folder("3_a_b"), Some((3, "a_b".to_owned())));
         assert_eq!(parse_repeat_folder("10"), Some((10, String::new())));
         assert_eq!(parse_repeat_folder("x_cat"), None);
@@ -942,8 +1139,14 @@ mod tests {
 
     #[test]
     fn resolution_args() {
-        assert_eq!(parse_resolution_arg("512").expect("ok"), Resolution::new(512, 512));
-        assert_eq!(parse_resolution_arg("768,512").expect("ok"), Resolution::new(768, 512));
+        assert_eq!(
+            parse_resolution_arg("512").expect("ok"),
+            Resolution::new(512, 512)
+        );
+        assert_eq!(
+            parse_resolution_arg("768,512").expect("ok"),
+            Resolution::new(768, 512)
+        );
         assert!(parse_resolution_arg("0").is_err());
         assert!(parse_resolution_arg("1,2,3").is_err());
     }

@@ -89,18 +89,29 @@ impl ScannedDataset {
     /// Batches per epoch: Σ over buckets of ⌈len / batch_size⌉ (spec §3.6).
     pub fn num_batches(&self) -> u64 {
         let bs = u64::from(self.config.batch_size.max(1));
-        self.buckets.iter().map(|b| (b.images.len() as u64).div_ceil(bs)).sum()
+        self.buckets
+            .iter()
+            .map(|b| (b.images.len() as u64).div_ceil(bs))
+            .sum()
     }
 
     /// Preparation options of an image's subset.
     pub fn prep_options(&self, image: usize) -> PrepOptions {
         let s = &self.config.subsets[self.images[image].subset];
-        PrepOptions { augment: s.augment, interpolation: s.resize_interpolation, alpha_mask: s.alpha_mask }
+        PrepOptions {
+            augment: s.augment,
+            interpolation: s.resize_interpolation,
+            alpha_mask: s.alpha_mask,
+        }
     }
 
     /// Loss weight of an image: `prior_loss_weight` for regularisation images, else 1.
     pub fn loss_weight(&self, image: usize) -> f64 {
-        if self.images[image].is_reg { self.config.prior_loss_weight } else { 1.0 }
+        if self.images[image].is_reg {
+            self.config.prior_loss_weight
+        } else {
+            1.0
+        }
     }
 
     /// A summary in the shape of `tests/fixtures/train-images/dataset.expected.json`.
@@ -119,7 +130,11 @@ impl ScannedDataset {
                 .images
                 .iter()
                 .map(|e| ImageSummary {
-                    image: e.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                    image: e
+                        .path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
                     size_wh: [e.size.width, e.size.height],
                     bucket_reso_wh: [e.assignment.bucket.width, e.assignment.bucket.height],
                     resized_size_wh: [e.assignment.resized.width, e.assignment.resized.height],
@@ -193,10 +208,14 @@ pub fn is_image_path(path: &Path) -> bool {
 /// # Errors
 /// [`Issue`] when the folder cannot be listed.
 pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, Issue> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| Issue { path: dir.to_path_buf(), reason: format!("cannot list image folder: {e}") })?;
-    let mut out: Vec<PathBuf> =
-        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file() && is_image_path(p)).collect();
+    let entries = std::fs::read_dir(dir).map_err(|e| Issue {
+        path: dir.to_path_buf(),
+        reason: format!("cannot list image folder: {e}"),
+    })?;
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_image_path(p))
+        .collect();
     out.sort();
     out.dedup();
     Ok(out)
@@ -210,7 +229,12 @@ struct Found {
     size: Option<Resolution>,
 }
 
-fn scan_dreambooth(subset: &SubsetConfig, dir: &Path, issues: &mut Vec<Issue>, warnings: &mut Vec<Issue>) -> Vec<Found> {
+fn scan_dreambooth(
+    subset: &SubsetConfig,
+    dir: &Path,
+    issues: &mut Vec<Issue>,
+    warnings: &mut Vec<Issue>,
+) -> Vec<Found> {
     let images = match list_images(dir) {
         Ok(i) => i,
         Err(issue) => {
@@ -219,7 +243,10 @@ fn scan_dreambooth(subset: &SubsetConfig, dir: &Path, issues: &mut Vec<Issue>, w
         }
     };
     if images.is_empty() {
-        warnings.push(Issue { path: dir.to_path_buf(), reason: "no images found, subset ignored".to_owned() });
+        warnings.push(Issue {
+            path: dir.to_path_buf(),
+            reason: "no images found, subset ignored".to_owned(),
+        });
     }
     let mut other_ext: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     let mut no_caption = Vec::new();
@@ -230,7 +257,10 @@ fn scan_dreambooth(subset: &SubsetConfig, dir: &Path, issues: &mut Vec<Issue>, w
         let (caption, caption_file) = match existing {
             Some(file) => match read_caption_file(&file, subset.caption.enable_wildcard) {
                 Ok(c) => {
-                    warnings.extend(c.warnings.into_iter().map(|w| Issue { path: file.clone(), reason: w }));
+                    warnings.extend(c.warnings.into_iter().map(|w| Issue {
+                        path: file.clone(),
+                        reason: w,
+                    }));
                     (c.caption, Some(file))
                 }
                 Err(reason) => {
@@ -239,8 +269,12 @@ fn scan_dreambooth(subset: &SubsetConfig, dir: &Path, issues: &mut Vec<Issue>, w
                 }
             },
             None => {
-                for ext in OTHER_CAPTION_EXTENSIONS.iter().filter(|e| **e != subset.caption_extension) {
-                    let other = PathBuf::from(format!("{}{ext}", path.with_extension("").display()));
+                for ext in OTHER_CAPTION_EXTENSIONS
+                    .iter()
+                    .filter(|e| **e != subset.caption_extension)
+                {
+                    let other =
+                        PathBuf::from(format!("{}{ext}", path.with_extension("").display()));
                     if other.is_file() {
                         other_ext.entry((*ext).to_owned()).or_default().push(other);
                         break;
@@ -252,10 +286,19 @@ fn scan_dreambooth(subset: &SubsetConfig, dir: &Path, issues: &mut Vec<Issue>, w
                 (subset.class_tokens.clone().unwrap_or_default(), None)
             }
         };
-        found.push(Found { path, caption, caption_file, size: None });
+        found.push(Found {
+            path,
+            caption,
+            caption_file,
+            size: None,
+        });
     }
     for (ext, files) in other_ext {
-        let shown: Vec<String> = files.iter().take(5).map(|f| f.display().to_string()).collect();
+        let shown: Vec<String> = files
+            .iter()
+            .take(5)
+            .map(|f| f.display().to_string())
+            .collect();
         warnings.push(Issue {
             path: dir.to_path_buf(),
             reason: format!(
@@ -283,35 +326,62 @@ fn scan_dreambooth(subset: &SubsetConfig, dir: &Path, issues: &mut Vec<Issue>, w
 }
 
 fn scan_metadata(subset: &SubsetConfig, base: &Path, issues: &mut Vec<Issue>) -> Vec<Found> {
-    let meta_path = base.join(subset.metadata_file.as_deref().expect("fine-tuning subsets have metadata_file"));
+    let meta_path = base.join(
+        subset
+            .metadata_file
+            .as_deref()
+            .expect("fine-tuning subsets have metadata_file"),
+    );
     let image_dir = subset.image_dir.as_ref().map(|d| base.join(d));
     let text = match std::fs::read_to_string(&meta_path) {
         Ok(t) => t,
         Err(e) => {
-            issues.push(Issue { path: meta_path, reason: format!("cannot read metadata file: {e}") });
+            issues.push(Issue {
+                path: meta_path,
+                reason: format!("cannot read metadata file: {e}"),
+            });
             return Vec::new();
         }
     };
-    let is_jsonl = meta_path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
+    let is_jsonl = meta_path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
     let mut records: Vec<(String, serde_json::Value)> = Vec::new();
     if is_jsonl {
-        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             match serde_json::from_str::<serde_json::Value>(line) {
                 Ok(v) => match v.get("image_path").and_then(|p| p.as_str()) {
                     Some(p) => records.push((p.to_owned(), v.clone())),
                     None => issues.push(Issue {
                         path: meta_path.clone(),
-                        reason: format!("line {}: expected an object with a string \"image_path\"", n + 1),
+                        reason: format!(
+                            "line {}: expected an object with a string \"image_path\"",
+                            n + 1
+                        ),
                     }),
                 },
-                Err(e) => issues.push(Issue { path: meta_path.clone(), reason: format!("line {}: invalid JSON: {e}", n + 1) }),
+                Err(e) => issues.push(Issue {
+                    path: meta_path.clone(),
+                    reason: format!("line {}: invalid JSON: {e}", n + 1),
+                }),
             }
         }
     } else {
         match serde_json::from_str::<serde_json::Value>(&text) {
             Ok(serde_json::Value::Object(map)) => records.extend(map),
-            Ok(_) => issues.push(Issue { path: meta_path.clone(), reason: "expected a JSON object of image entries".to_owned() }),
-            Err(e) => issues.push(Issue { path: meta_path.clone(), reason: format!("invalid JSON: {e}") }),
+            Ok(_) => issues.push(Issue {
+                path: meta_path.clone(),
+                reason: "expected a JSON object of image entries".to_owned(),
+            }),
+            Err(e) => issues.push(Issue {
+                path: meta_path.clone(),
+                reason: format!("invalid JSON: {e}"),
+            }),
         }
     }
     let sep = &subset.caption.caption_separator;
@@ -323,7 +393,10 @@ fn scan_metadata(subset: &SubsetConfig, base: &Path, issues: &mut Vec<Issue>) ->
         } else if let Some(dir) = &image_dir {
             dir.join(&key_path)
         } else {
-            issues.push(Issue { path: meta_path.clone(), reason: format!("entry \"{key}\" is relative but the subset has no image_dir") });
+            issues.push(Issue {
+                path: meta_path.clone(),
+                reason: format!("entry \"{key}\" is relative but the subset has no image_dir"),
+            });
             continue;
         };
         if path.extension().is_none() && !path.is_file() {
@@ -337,14 +410,23 @@ fn scan_metadata(subset: &SubsetConfig, base: &Path, issues: &mut Vec<Issue>) ->
                 path = p;
             }
         }
-        let caption = entry.get("caption").and_then(|c| c.as_str()).unwrap_or("").to_owned();
+        let caption = entry
+            .get("caption")
+            .and_then(|c| c.as_str())
+            .unwrap_or("")
+            .to_owned();
         let tags = entry.get("tags").and_then(|t| t.as_str()).unwrap_or("");
         let caption = if subset.caption.enable_wildcard {
             if tags.is_empty() {
                 caption
             } else {
                 let tags = tags.replace('\n', sep);
-                caption.lines().filter(|l| !l.trim().is_empty()).map(|l| format!("{l}{sep}{tags}")).collect::<Vec<_>>().join("\n")
+                caption
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(|l| format!("{l}{sep}{tags}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             }
         } else if tags.is_empty() {
             caption
@@ -353,11 +435,22 @@ fn scan_metadata(subset: &SubsetConfig, base: &Path, issues: &mut Vec<Issue>) ->
         } else {
             format!("{caption}{sep}{tags}")
         };
-        let size = entry.get("image_size").and_then(|s| s.as_array()).and_then(|a| match a.as_slice() {
-            [w, h] => Some(Resolution::new(u32::try_from(w.as_u64()?).ok()?, u32::try_from(h.as_u64()?).ok()?)),
-            _ => None,
+        let size = entry
+            .get("image_size")
+            .and_then(|s| s.as_array())
+            .and_then(|a| match a.as_slice() {
+                [w, h] => Some(Resolution::new(
+                    u32::try_from(w.as_u64()?).ok()?,
+                    u32::try_from(h.as_u64()?).ok()?,
+                )),
+                _ => None,
+            });
+        found.push(Found {
+            path,
+            caption,
+            caption_file: None,
+            size,
         });
-        found.push(Found { path, caption, caption_file: None, size });
     }
     found
 }
@@ -378,7 +471,9 @@ pub fn scan_datasets(group: &DatasetGroupConfig, opts: &ScanOptions) -> DatasetR
         for subset in &config.subsets {
             let found = match config.kind {
                 DatasetKind::DreamBooth => {
-                    let dir = opts.base_dir.join(subset.image_dir.as_deref().unwrap_or(Path::new("")));
+                    let dir = opts
+                        .base_dir
+                        .join(subset.image_dir.as_deref().unwrap_or(Path::new("")));
                     scan_dreambooth(subset, &dir, &mut issues, &mut warnings)
                 }
                 DatasetKind::FineTuning => scan_metadata(subset, &opts.base_dir, &mut issues),
@@ -428,9 +523,15 @@ pub fn scan_datasets(group: &DatasetGroupConfig, opts: &ScanOptions) -> DatasetR
         'outer: while n < num_train && !reg_pending.is_empty() {
             for (i, (si, f, size)) in reg_pending.iter().enumerate() {
                 if first {
-                    let repeats = u32::try_from(config.subsets[*si].num_repeats.max(1)).unwrap_or(u32::MAX);
+                    let repeats =
+                        u32::try_from(config.subsets[*si].num_repeats.max(1)).unwrap_or(u32::MAX);
                     reg_entries.push(entry(
-                        Found { path: f.path.clone(), caption: f.caption.clone(), caption_file: f.caption_file.clone(), size: None },
+                        Found {
+                            path: f.path.clone(),
+                            caption: f.caption.clone(),
+                            caption_file: f.caption_file.clone(),
+                            size: None,
+                        },
                         *size,
                         *si,
                         true,
@@ -458,17 +559,30 @@ pub fn scan_datasets(group: &DatasetGroupConfig, opts: &ScanOptions) -> DatasetR
                     e.assignment = a;
                     ar_sum += a.ar_error.abs();
                     let idx = kept.len();
-                    by_bucket.entry((a.bucket.width, a.bucket.height)).or_default().extend(std::iter::repeat_n(idx, e.num_repeats as usize));
+                    by_bucket
+                        .entry((a.bucket.width, a.bucket.height))
+                        .or_default()
+                        .extend(std::iter::repeat_n(idx, e.num_repeats as usize));
                     kept.push(e);
                 }
-                Err(reason) => issues.push(Issue { path: e.path.clone(), reason }),
+                Err(reason) => issues.push(Issue {
+                    path: e.path.clone(),
+                    reason,
+                }),
             }
         }
         let buckets = by_bucket
             .into_iter()
-            .map(|((w, h), images)| Bucket { resolution: Resolution::new(w, h), images })
+            .map(|((w, h), images)| Bucket {
+                resolution: Resolution::new(w, h),
+                images,
+            })
             .collect();
-        let mean_ar_error = if kept.is_empty() { 0.0 } else { ar_sum / kept.len() as f64 };
+        let mean_ar_error = if kept.is_empty() {
+            0.0
+        } else {
+            ar_sum / kept.len() as f64
+        };
         datasets.push(ScannedDataset {
             config: config.clone(),
             images: kept,
@@ -496,17 +610,25 @@ fn entry(f: Found, size: Resolution, subset: usize, is_reg: bool, num_repeats: u
         subset,
         is_reg,
         num_repeats,
-        assignment: BucketAssignment { bucket: size, resized: size, ar_error: 0.0 },
+        assignment: BucketAssignment {
+            bucket: size,
+            resized: size,
+            ar_error: 0.0,
+        },
     }
 }
 
 fn read_size(path: &Path, known: Option<Resolution>, verify: bool) -> Result<Resolution, Issue> {
-    let issue = |reason: String| Issue { path: path.to_path_buf(), reason };
+    let issue = |reason: String| Issue {
+        path: path.to_path_buf(),
+        reason,
+    };
     if !path.is_file() {
         return Err(issue("image file not found".to_owned()));
     }
     if verify {
-        let decoded = decode_image(path, false).map_err(|e| issue(strip_path(&e.to_string(), path)))?;
+        let decoded =
+            decode_image(path, false).map_err(|e| issue(strip_path(&e.to_string(), path)))?;
         return Ok(decoded.rgb.size);
     }
     if let Some(s) = known {
@@ -525,7 +647,10 @@ fn read_size(path: &Path, known: Option<Resolution>, verify: bool) -> Result<Res
 fn strip_path(message: &str, path: &Path) -> String {
     let p = path.display().to_string();
     match message.find(&p) {
-        Some(i) => message[i + p.len()..].trim_start_matches(':').trim().to_owned(),
+        Some(i) => message[i + p.len()..]
+            .trim_start_matches(':')
+            .trim()
+            .to_owned(),
         None => message.to_owned(),
     }
 }
@@ -535,7 +660,10 @@ fn strip_path(message: &str, path: &Path) -> String {
 /// # Errors
 /// As [`scan_datasets`].
 pub fn scan_single(config: &DatasetConfig, opts: &ScanOptions) -> DatasetResult<ScannedDataset> {
-    let group = DatasetGroupConfig { datasets: vec![config.clone()], warnings: Vec::new() };
+    let group = DatasetGroupConfig {
+        datasets: vec![config.clone()],
+        warnings: Vec::new(),
+    };
     let mut scan = scan_datasets(&group, opts)?;
     Ok(scan.datasets.remove(0))
 }

@@ -161,11 +161,22 @@ fn paren(h: &Option<String>) -> String {
 }
 
 fn list_issues(issues: &[Issue]) -> String {
-    issues.iter().map(|i| format!("  {i}")).collect::<Vec<_>>().join("\n")
+    issues
+        .iter()
+        .map(|i| format!("  {i}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// `map_err` helper for I/O errors: `.map_err(io_err("reading", path))`.
-pub(crate) fn io_err(action: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> DatasetError {
+pub(crate) fn io_err(
+    action: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> DatasetError {
     let path = path.to_path_buf();
-    move |source| DatasetError::Io { action, path, source }
+    move |source| DatasetError::Io {
+        action,
+        path,
+        source,
+    }
 }

@@ -64,7 +64,10 @@ pub fn plan_epoch(scan: &DatasetScan, seed: u64, epoch: u32) -> EpochPlan {
                 batches.push(PlannedBatch {
                     dataset: di,
                     bucket: bucket.resolution,
-                    samples: chunk.iter().map(|&image| PlannedSample { image, seed: 0 }).collect(),
+                    samples: chunk
+                        .iter()
+                        .map(|&image| PlannedSample { image, seed: 0 })
+                        .collect(),
                 });
             }
         }
@@ -75,5 +78,9 @@ pub fn plan_epoch(scan: &DatasetScan, seed: u64, epoch: u32) -> EpochPlan {
             s.seed = rng.next_u64();
         }
     }
-    EpochPlan { epoch, seed, batches }
+    EpochPlan {
+        epoch,
+        seed,
+        batches,
+    }
 }

@@ -87,7 +87,11 @@ pub struct DebugListing {
 
 /// Builds the listing of `plan` (made from `scan`); captions are processed with
 /// `progress` (its `epoch` should be `plan.epoch`).
-pub fn debug_listing(scan: &DatasetScan, plan: &EpochPlan, progress: CaptionProgress) -> DebugListing {
+pub fn debug_listing(
+    scan: &DatasetScan,
+    plan: &EpochPlan,
+    progress: CaptionProgress,
+) -> DebugListing {
     let datasets = scan
         .datasets
         .iter()
@@ -99,7 +103,11 @@ pub fn debug_listing(scan: &DatasetScan, plan: &EpochPlan, progress: CaptionProg
             num_reg_images: ds.num_reg_images,
             batch_size: ds.config.batch_size,
             num_batches: ds.num_batches(),
-            buckets: ds.buckets.iter().map(|b| (b.resolution, b.images.len())).collect(),
+            buckets: ds
+                .buckets
+                .iter()
+                .map(|b| (b.resolution, b.images.len()))
+                .collect(),
             mean_ar_error: ds.mean_ar_error,
         })
         .collect();
@@ -119,7 +127,12 @@ pub fn debug_listing(scan: &DatasetScan, plan: &EpochPlan, progress: CaptionProg
                     .map(|s| {
                         let e = &ds.images[s.image];
                         let opts = &ds.config.subsets[e.subset].caption;
-                        let caption = process_caption(&e.caption, opts, progress, &mut DataRng::new(s.seed, 1));
+                        let caption = process_caption(
+                            &e.caption,
+                            opts,
+                            progress,
+                            &mut DataRng::new(s.seed, 1),
+                        );
                         DebugSample {
                             image: e.path.clone(),
                             size: e.size,
@@ -136,7 +149,13 @@ pub fn debug_listing(scan: &DatasetScan, plan: &EpochPlan, progress: CaptionProg
             }
         })
         .collect();
-    DebugListing { epoch: plan.epoch, seed: plan.seed, num_batches: scan.num_batches(), datasets, batches }
+    DebugListing {
+        epoch: plan.epoch,
+        seed: plan.seed,
+        num_batches: scan.num_batches(),
+        datasets,
+        batches,
+    }
 }
 
 impl DebugListing {
@@ -144,19 +163,33 @@ impl DebugListing {
     /// (`batch N bucket WxH | file | repeats | reg | caption`).
     pub fn to_text(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "epoch {} (seed {}): {} batches", self.epoch, self.seed, self.num_batches);
+        let _ = writeln!(
+            out,
+            "epoch {} (seed {}): {} batches",
+            self.epoch, self.seed, self.num_batches
+        );
         for d in &self.datasets {
             let _ = writeln!(
                 out,
                 "dataset {} ({}): {} train images, {} reg images (with repeats), batch size {}, {} batches, mean ar error {:.4}",
-                d.index, d.class, d.num_train_images, d.num_reg_images, d.batch_size, d.num_batches, d.mean_ar_error
+                d.index,
+                d.class,
+                d.num_train_images,
+                d.num_reg_images,
+                d.batch_size,
+                d.num_batches,
+                d.mean_ar_error
             );
             for (bucket, count) in &d.buckets {
                 let _ = writeln!(out, "  bucket {bucket}: {count}");
             }
         }
         for b in &self.batches {
-            let _ = writeln!(out, "batch {} dataset {} bucket {}", b.index, b.dataset, b.bucket);
+            let _ = writeln!(
+                out,
+                "batch {} dataset {} bucket {}",
+                b.index, b.dataset, b.bucket
+            );
             for s in &b.samples {
                 let _ = writeln!(
                     out,
@@ -165,7 +198,11 @@ impl DebugListing {
                     s.size,
                     s.resized,
                     s.num_repeats,
-                    if s.is_reg { format!(" | reg (loss weight {})", s.loss_weight) } else { String::new() },
+                    if s.is_reg {
+                        format!(" | reg (loss weight {})", s.loss_weight)
+                    } else {
+                        String::new()
+                    },
                     s.caption
                 );
             }

@@ -98,7 +98,8 @@ impl ResizeInterpolation {
             Self::Nearest => ResizeAlg::Nearest,
             Self::Bilinear => ResizeAlg::Interpolation(FilterType::Bilinear),
             Self::Bicubic => ResizeAlg::Interpolation(FilterType::Custom(
-                fir::Filter::new("cubic a=-0.75", keys_cubic, 2.0).expect("support 2 is finite and positive"),
+                fir::Filter::new("cubic a=-0.75", keys_cubic, 2.0)
+                    .expect("support 2 is finite and positive"),
             )),
             Self::Area | Self::Box => ResizeAlg::Convolution(FilterType::Box),
         }
@@ -147,7 +148,10 @@ pub fn decode_image(path: &Path, keep_alpha: bool) -> DatasetResult<DecodedImage
         .with_guessed_format()
         .map_err(io_err("reading", path))?
         .decode()
-        .map_err(|source| DatasetError::Decode { path: path.to_path_buf(), source })?;
+        .map_err(|source| DatasetError::Decode {
+            path: path.to_path_buf(),
+            source,
+        })?;
     Ok(from_dynamic(img, keep_alpha))
 }
 
@@ -155,7 +159,13 @@ pub fn decode_image(path: &Path, keep_alpha: bool) -> DatasetResult<DecodedImage
 pub fn from_dynamic(img: image::DynamicImage, keep_alpha: bool) -> DecodedImage {
     let size = Resolution::new(img.width(), img.height());
     if !img.color().has_alpha() {
-        return DecodedImage { rgb: RgbImage { size, data: img.to_rgb8().into_raw() }, alpha: None };
+        return DecodedImage {
+            rgb: RgbImage {
+                size,
+                data: img.to_rgb8().into_raw(),
+            },
+            alpha: None,
+        };
     }
     let rgba = img.to_rgba8().into_raw();
     let mut data = Vec::with_capacity(rgba.len() / 4 * 3);
@@ -170,13 +180,31 @@ pub fn from_dynamic(img: image::DynamicImage, keep_alpha: bool) -> DecodedImage 
             alpha.push(px[3]);
         }
     }
-    DecodedImage { rgb: RgbImage { size, data }, alpha: keep_alpha.then_some(alpha) }
+    DecodedImage {
+        rgb: RgbImage { size, data },
+        alpha: keep_alpha.then_some(alpha),
+    }
 }
 
-fn resample(src: &[u8], from: Resolution, to: Resolution, channels: usize, alg: fir::ResizeAlg, path: &Path) -> DatasetResult<Vec<u8>> {
-    let pixel = if channels == 1 { fir::PixelType::U8 } else { fir::PixelType::U8x3 };
-    let err = |e: String| DatasetError::Resize { path: path.to_path_buf(), message: e };
-    let view = fir::images::ImageRef::new(from.width, from.height, src, pixel).map_err(|e| err(e.to_string()))?;
+fn resample(
+    src: &[u8],
+    from: Resolution,
+    to: Resolution,
+    channels: usize,
+    alg: fir::ResizeAlg,
+    path: &Path,
+) -> DatasetResult<Vec<u8>> {
+    let pixel = if channels == 1 {
+        fir::PixelType::U8
+    } else {
+        fir::PixelType::U8x3
+    };
+    let err = |e: String| DatasetError::Resize {
+        path: path.to_path_buf(),
+        message: e,
+    };
+    let view = fir::images::ImageRef::new(from.width, from.height, src, pixel)
+        .map_err(|e| err(e.to_string()))?;
     let mut dst = fir::images::Image::new(to.width, to.height, pixel);
     fir::Resizer::new()
         .resize(&view, &mut dst, &fir::ResizeOptions::new().resize_alg(alg))
@@ -251,10 +279,14 @@ pub struct PreparedImage {
 /// offsets (x then y, with `random_crop`), colour augmentation, flip.
 ///
 /// # Errors
-/// Decode/I/O errors; [`DatasetError::InvalidImage`] when the file's size no longer matches
-/// the size recorded at scan time is *not* checked — the assignment is recomputed from the
-/// decoded size only by the caller.
-pub fn prepare_image(path: &Path, assignment: &BucketAssignment, opts: &PrepOptions, rng: &mut DataRng) -> DatasetResult<PreparedImage> {
+/// Decode/I/O errors, and those of [`prepare_decoded`]. The decoded size is not compared
+/// with the size recorded at scan time: the image is resized from whatever size it has.
+pub fn prepare_image(
+    path: &Path,
+    assignment: &BucketAssignment,
+    opts: &PrepOptions,
+    rng: &mut DataRng,
+) -> DatasetResult<PreparedImage> {
     let decoded = decode_image(path, opts.alpha_mask)?;
     prepare_decoded(decoded, path, assignment, opts, rng)
 }
@@ -273,7 +305,11 @@ pub fn prepare_decoded(
 ) -> DatasetResult<PreparedImage> {
     let original = decoded.rgb.size;
     let (bucket, resized) = (assignment.bucket, assignment.resized);
-    if resized.width < bucket.width || resized.height < bucket.height || bucket.width == 0 || bucket.height == 0 {
+    if resized.width < bucket.width
+        || resized.height < bucket.height
+        || bucket.width == 0
+        || bucket.height == 0
+    {
         return Err(DatasetError::InvalidImage {
             path: path.to_path_buf(),
             reason: format!("resized size {resized} does not cover bucket {bucket}"),
@@ -290,7 +326,7 @@ pub fn prepare_decoded(
             },
         );
         let alg = interpolation.algorithm();
-        rgb = resample(&rgb, original, resized, 3, alg.clone(), path)?;
+        rgb = resample(&rgb, original, resized, 3, alg, path)?;
         if let Some(a) = &alpha {
             alpha = Some(resample(a, original, resized, 1, alg, path)?);
         }
@@ -389,7 +425,11 @@ fn rgb_to_hsv8(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     let max = rf.max(gf).max(bf);
     let min = rf.min(gf).min(bf);
     let diff = max - min;
-    let s = if max > 0.0 { (255.0 * diff / max).round() } else { 0.0 };
+    let s = if max > 0.0 {
+        (255.0 * diff / max).round()
+    } else {
+        0.0
+    };
     let mut h = if diff == 0.0 {
         0.0
     } else if max == rf {
@@ -444,7 +484,14 @@ pub struct LoadRequest {
 pub fn load_parallel(requests: &[LoadRequest]) -> Vec<DatasetResult<PreparedImage>> {
     requests
         .par_iter()
-        .map(|r| prepare_image(&r.path, &r.assignment, &r.options, &mut DataRng::new(r.seed, 0)))
+        .map(|r| {
+            prepare_image(
+                &r.path,
+                &r.assignment,
+                &r.options,
+                &mut DataRng::new(r.seed, 0),
+            )
+        })
         .collect()
 }
 
@@ -454,11 +501,20 @@ mod tests {
 
     #[test]
     fn hsv_round_trip_is_close() {
-        for &(r, g, b) in &[(255u8, 0u8, 0u8), (10, 200, 30), (128, 128, 128), (0, 0, 0), (12, 34, 250)] {
+        for &(r, g, b) in &[
+            (255u8, 0u8, 0u8),
+            (10, 200, 30),
+            (128, 128, 128),
+            (0, 0, 0),
+            (12, 34, 250),
+        ] {
             let (h, s, v) = rgb_to_hsv8(r, g, b);
             let (r2, g2, b2) = hsv8_to_rgb(h, s, v);
             for (a, b) in [(r, r2), (g, g2), (b, b2)] {
-                assert!((i32::from(a) - i32::from(b)).abs() <= 4, "{r},{g},{b} -> {r2},{g2},{b2}");
+                assert!(
+                    (i32::from(a) - i32::from(b)).abs() <= 4,
+                    "{r},{g},{b} -> {r2},{g2},{b2}"
+                );
             }
         }
     }
@@ -466,7 +522,10 @@ mod tests {
     #[test]
     fn chw_normalisation() {
         let v = to_chw(&[0, 128, 255, 255, 0, 0], Resolution::new(2, 1));
-        assert_eq!(v, vec![-1.0, 1.0, (128.0f32 / 255.0 - 0.5) / 0.5, -1.0, 1.0, -1.0]);
+        assert_eq!(
+            v,
+            vec![-1.0, 1.0, (128.0f32 / 255.0 - 0.5) / 0.5, -1.0, 1.0, -1.0]
+        );
     }
 
     #[test]

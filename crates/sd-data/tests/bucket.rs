@@ -2,10 +2,13 @@
 
 use std::path::Path;
 
-use sd_data::bucket::{BucketSelector, BucketSettings, CropLtrb, Resolution, make_bucket_resolutions};
+use sd_data::bucket::{
+    BucketSelector, BucketSettings, CropLtrb, Resolution, make_bucket_resolutions,
+};
 use sd_data::dataset_rng::DataRng;
 use sd_data::image_prep::{
-    AugmentOptions, LoadRequest, PrepOptions, ResizeInterpolation, decode_image, load_parallel, prepare_image,
+    AugmentOptions, LoadRequest, PrepOptions, ResizeInterpolation, decode_image, load_parallel,
+    prepare_image,
 };
 
 fn r(w: u32, h: u32) -> Resolution {
@@ -77,11 +80,17 @@ fn bucket_list_768_and_1024() {
 #[test]
 fn bucket_list_of_the_fixture_dataset() {
     let got = make_bucket_resolutions(r(256, 256), 128, 384, 64);
-    assert_eq!(got, list(&[(128, 384), (192, 320), (256, 256), (320, 192), (384, 128)]));
+    assert_eq!(
+        got,
+        list(&[(128, 384), (192, 320), (256, 256), (320, 192), (384, 128)])
+    );
 }
 
 fn normal_512() -> BucketSelector {
-    let s = BucketSettings { enable_bucket: true, ..BucketSettings::new(r(512, 512)) };
+    let s = BucketSettings {
+        enable_bucket: true,
+        ..BucketSettings::new(r(512, 512))
+    };
     BucketSelector::new(&s.normalized().expect("valid").0)
 }
 
@@ -93,21 +102,30 @@ fn normal_mode_assignment() {
         ((512, 512), (512, 512), (512, 512)),
         ((1000, 500), (704, 320), (704, 352)),
         ((500, 1000), (320, 704), (352, 704)),
-        ((256, 832), (256, 832), (256, 832)),  // exact match wins
+        ((256, 832), (256, 832), (256, 832)), // exact match wins
         ((3000, 2000), (640, 384), (640, 427)), // ar 1.5: 640x384 (1.667) beats 576x448 (1.286)
-        ((100, 100), (512, 512), (512, 512)),   // upscaled
+        ((100, 100), (512, 512), (512, 512)), // upscaled
     ];
     for (img, bucket, resized) in cases {
         let a = sel.select(r(img.0, img.1)).expect("assign");
-        assert_eq!((a.bucket, a.resized), (r(bucket.0, bucket.1), r(resized.0, resized.1)), "{img:?}");
-        let ar_error = f64::from(bucket.0) / f64::from(bucket.1) - f64::from(img.0) / f64::from(img.1);
+        assert_eq!(
+            (a.bucket, a.resized),
+            (r(bucket.0, bucket.1), r(resized.0, resized.1)),
+            "{img:?}"
+        );
+        let ar_error =
+            f64::from(bucket.0) / f64::from(bucket.1) - f64::from(img.0) / f64::from(img.1);
         assert_eq!(a.ar_error, ar_error);
     }
 }
 
 #[test]
 fn no_upscale_mode_assignment() {
-    let s = BucketSettings { enable_bucket: true, bucket_no_upscale: true, ..BucketSettings::new(r(512, 512)) };
+    let s = BucketSettings {
+        enable_bucket: true,
+        bucket_no_upscale: true,
+        ..BucketSettings::new(r(512, 512))
+    };
     let (s, warnings) = s.normalized().expect("valid");
     assert!(warnings.iter().any(|w| w.contains("ignored")));
     let sel = BucketSelector::new(&s);
@@ -119,9 +137,17 @@ fn no_upscale_mode_assignment() {
     ];
     for (img, bucket, resized) in cases {
         let a = sel.select(r(img.0, img.1)).expect("assign");
-        assert_eq!((a.bucket, a.resized), (r(bucket.0, bucket.1), r(resized.0, resized.1)), "{img:?}");
+        assert_eq!(
+            (a.bucket, a.resized),
+            (r(bucket.0, bucket.1), r(resized.0, resized.1)),
+            "{img:?}"
+        );
     }
-    assert!(sel.select(r(40, 300)).expect_err("zero-width bucket").contains("too small"));
+    assert!(
+        sel.select(r(40, 300))
+            .expect_err("zero-width bucket")
+            .contains("too small")
+    );
 }
 
 #[test]
@@ -144,7 +170,10 @@ fn crop_ltrb_letterbox_convention() {
     assert_eq!(c.crop_top_left(256, true), (0, 19)); // 256 - (18 + 218.45) = 19.55
     // Wide image in a square bucket: top is non-zero although the image was cropped sideways.
     let c = CropLtrb::new(r(256, 256), r(384, 303));
-    assert_eq!((c.left, c.top, c.right, c.bottom), (0.0, 27.0, 256.0, 229.0));
+    assert_eq!(
+        (c.left, c.top, c.right, c.bottom),
+        (0.0, 27.0, 256.0, 229.0)
+    );
     assert_eq!(c.crop_top_left(256, false), (27, 0));
     assert_eq!(c.crop_top_left(256, true), (27, 0));
 }
@@ -173,12 +202,19 @@ fn rgba_is_composited_on_white_and_gives_a_mask() {
     // 0·128/255 + 255·127/255 rounded: 127; blue 255·128/255 + 255·127/255 = 255.
     assert_eq!(&decoded.rgb.data[last..], &[127, 127, 255]);
     let alpha = decoded.alpha.expect("alpha kept");
-    assert_eq!((alpha[0], alpha[599], alpha[alpha.len() - 1]), (0, 255, 128));
+    assert_eq!(
+        (alpha[0], alpha[599], alpha[alpha.len() - 1]),
+        (0, 255, 128)
+    );
 
     // 600x400 (ar 1.5) -> bucket 640x384, resized 640x427, centre crop top 21.
     let a = normal_512().select(r(600, 400)).expect("assign");
     assert_eq!((a.bucket, a.resized), (r(640, 384), r(640, 427)));
-    let opts = PrepOptions { alpha_mask: true, interpolation: Some(ResizeInterpolation::Nearest), ..Default::default() };
+    let opts = PrepOptions {
+        alpha_mask: true,
+        interpolation: Some(ResizeInterpolation::Nearest),
+        ..Default::default()
+    };
     let p = prepare_image(&path, &a, &opts, &mut DataRng::new(0, 0)).expect("prepare");
     assert_eq!(p.shape, [3, 384, 640]);
     assert_eq!(p.data.len(), 3 * 384 * 640);
@@ -187,9 +223,19 @@ fn rgba_is_composited_on_white_and_gives_a_mask() {
     assert!(!p.flipped);
     let plane = 384 * 640;
     // Top-left is white (1.0 in every channel), far right is red (1, -1, -1).
-    assert_eq!((p.data[0], p.data[plane], p.data[2 * plane]), (1.0, 1.0, 1.0));
+    assert_eq!(
+        (p.data[0], p.data[plane], p.data[2 * plane]),
+        (1.0, 1.0, 1.0)
+    );
     let right = 100 * 640 + 639;
-    assert_eq!((p.data[right], p.data[plane + right], p.data[2 * plane + right]), (1.0, -1.0, -1.0));
+    assert_eq!(
+        (
+            p.data[right],
+            p.data[plane + right],
+            p.data[2 * plane + right]
+        ),
+        (1.0, -1.0, -1.0)
+    );
     let mask = p.alpha_mask.expect("mask");
     assert_eq!((mask[0], mask[right]), (0.0, 1.0));
 }
@@ -199,21 +245,39 @@ fn sixteen_bit_and_grayscale_images_are_converted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rgb16 = dir.path().join("rgb16.png");
     save(
-        image::DynamicImage::ImageRgb16(image::ImageBuffer::from_pixel(300, 200, image::Rgb([65535u16, 32896, 0]))),
+        image::DynamicImage::ImageRgb16(image::ImageBuffer::from_pixel(
+            300,
+            200,
+            image::Rgb([65535u16, 32896, 0]),
+        )),
         &rgb16,
     );
     let gray16 = dir.path().join("gray16.png");
-    save(image::DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(200, 300, image::Luma([65535u16]))), &gray16);
+    save(
+        image::DynamicImage::ImageLuma16(image::ImageBuffer::from_pixel(
+            200,
+            300,
+            image::Luma([65535u16]),
+        )),
+        &gray16,
+    );
     let gray_alpha = dir.path().join("la.png");
     save(
-        image::DynamicImage::ImageLumaA8(image::ImageBuffer::from_pixel(64, 64, image::LumaA([0u8, 0]))),
+        image::DynamicImage::ImageLumaA8(image::ImageBuffer::from_pixel(
+            64,
+            64,
+            image::LumaA([0u8, 0]),
+        )),
         &gray_alpha,
     );
 
     let d = decode_image(&rgb16, false).expect("decode");
     assert_eq!(&d.rgb.data[..3], &[255, 128, 0]);
     let d = decode_image(&gray16, false).expect("decode");
-    assert_eq!((d.rgb.size, &d.rgb.data[..3]), (r(200, 300), &[255u8, 255, 255][..]));
+    assert_eq!(
+        (d.rgb.size, &d.rgb.data[..3]),
+        (r(200, 300), &[255u8, 255, 255][..])
+    );
     let d = decode_image(&gray_alpha, false).expect("decode");
     assert_eq!(&d.rgb.data[..3], &[255, 255, 255]); // transparent black -> white
 
@@ -221,12 +285,17 @@ fn sixteen_bit_and_grayscale_images_are_converted() {
     // 300x200 (ar 1.5) -> 640x384 (upscaled with Lanczos to 640x427).
     let a = sel.select(r(300, 200)).expect("assign");
     assert_eq!((a.bucket, a.resized), (r(640, 384), r(640, 427)));
-    let p = prepare_image(&rgb16, &a, &PrepOptions::default(), &mut DataRng::new(0, 0)).expect("prepare");
+    let p = prepare_image(&rgb16, &a, &PrepOptions::default(), &mut DataRng::new(0, 0))
+        .expect("prepare");
     let plane = 384 * 640;
     // A uniform image stays uniform through resizing: R = 1, G = (128/255 - 0.5)/0.5, B = -1.
     assert!(p.data[..plane].iter().all(|&v| v == 1.0));
     let g = (128.0f32 / 255.0 - 0.5) / 0.5;
-    assert!(p.data[plane..2 * plane].iter().all(|&v| (v - g).abs() < 1e-6));
+    assert!(
+        p.data[plane..2 * plane]
+            .iter()
+            .all(|&v| (v - g).abs() < 1e-6)
+    );
     assert!(p.data[2 * plane..].iter().all(|&v| v == -1.0));
     // 200x300 (ar 0.667) -> 448x576? no: 384x640 (0.6) is closer than 448x576 (0.778).
     let a = sel.select(r(200, 300)).expect("assign");
@@ -238,11 +307,25 @@ fn random_crop_and_flip_are_seeded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ramp.png");
     // Horizontal ramp: red = x, so flips and crop offsets are visible.
-    save(image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(256, 200, |x, _| image::Rgb([x as u8, 0, 0]))), &path);
-    let a = BucketSelector::NoUpscale { max_area: 256 * 256, steps: 64 }.select(r(256, 200)).expect("assign");
+    save(
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(256, 200, |x, _| {
+            image::Rgb([x as u8, 0, 0])
+        })),
+        &path,
+    );
+    let a = BucketSelector::NoUpscale {
+        max_area: 256 * 256,
+        steps: 64,
+    }
+    .select(r(256, 200))
+    .expect("assign");
     assert_eq!((a.bucket, a.resized), (r(256, 192), r(256, 200)));
     let opts = PrepOptions {
-        augment: AugmentOptions { random_crop: true, flip_aug: true, color_aug: false },
+        augment: AugmentOptions {
+            random_crop: true,
+            flip_aug: true,
+            color_aug: false,
+        },
         ..Default::default()
     };
     let mut tops = std::collections::BTreeSet::new();
@@ -267,11 +350,18 @@ fn random_crop_and_flip_are_seeded() {
     assert!(flips > 0 && flips < 16, "flip p = 0.5: {flips}/16");
 
     // Parallel loading gives the same results as sequential loading with the same seeds.
-    let requests: Vec<LoadRequest> =
-        (0..6).map(|seed| LoadRequest { path: path.clone(), assignment: a, options: opts, seed }).collect();
+    let requests: Vec<LoadRequest> = (0..6)
+        .map(|seed| LoadRequest {
+            path: path.clone(),
+            assignment: a,
+            options: opts,
+            seed,
+        })
+        .collect();
     let parallel = load_parallel(&requests);
     for (req, res) in requests.iter().zip(parallel) {
-        let seq = prepare_image(&req.path, &a, &opts, &mut DataRng::new(req.seed, 0)).expect("prepare");
+        let seq =
+            prepare_image(&req.path, &a, &opts, &mut DataRng::new(req.seed, 0)).expect("prepare");
         assert_eq!(res.expect("prepare"), seq);
     }
 }

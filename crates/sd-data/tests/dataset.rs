@@ -13,7 +13,9 @@ use sd_data::debug_listing::debug_listing;
 use sd_testutil::{fixture, fixtures_dir};
 
 fn write_png(path: &Path, w: u32, h: u32) {
-    image::RgbImage::from_pixel(w, h, image::Rgb([10, 20, 30])).save(path).expect("write png");
+    image::RgbImage::from_pixel(w, h, image::Rgb([10, 20, 30]))
+        .save(path)
+        .expect("write png");
 }
 
 fn write(path: &Path, text: &str) {
@@ -37,27 +39,38 @@ fn fixture_dataset_matches_sd_scripts() {
     assert_eq!(sub.class_tokens.as_deref(), Some("tok photo"));
 
     // dataset.toml paths are relative to the fixtures root.
-    let opts = ScanOptions { base_dir: fixtures_dir(), verify_decode: true };
+    let opts = ScanOptions {
+        base_dir: fixtures_dir(),
+        verify_decode: true,
+    };
     let scan = scan_datasets(&group, &opts).expect("scan");
     assert!(scan.warnings.is_empty(), "{:?}", scan.warnings);
     let summary = scan.datasets[0].summary();
 
-    let expected: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(fixture("train-images/dataset.expected.json")).expect("read"))
-            .expect("json");
+    let expected: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(fixture("train-images/dataset.expected.json")).expect("read"),
+    )
+    .expect("json");
     let exp_summary = DatasetSummary {
         dataset_class: expected["dataset_class"].as_str().expect("str").to_owned(),
         num_train_images: expected["num_train_images"].as_u64().expect("u64"),
         num_reg_images: expected["num_reg_images"].as_u64().expect("u64"),
-        bucket_counts_with_repeats: serde_json::from_value(expected["bucket_counts_with_repeats"].clone())
-            .expect("map"),
+        bucket_counts_with_repeats: serde_json::from_value(
+            expected["bucket_counts_with_repeats"].clone(),
+        )
+        .expect("map"),
         num_batches_per_epoch: expected["num_batches_per_epoch"].as_u64().expect("u64"),
         images: serde_json::from_value(expected["images"].clone()).expect("images"),
     };
     assert_eq!(summary, exp_summary);
-    let used: Vec<[u32; 2]> = scan.datasets[0].buckets.iter().map(|b| [b.resolution.width, b.resolution.height]).collect();
+    let used: Vec<[u32; 2]> = scan.datasets[0]
+        .buckets
+        .iter()
+        .map(|b| [b.resolution.width, b.resolution.height])
+        .collect();
     let exp_used: Vec<[u32; 2]> =
-        serde_json::from_value(expected["predefined_bucket_resos_wh"].clone()).expect("bucket list");
+        serde_json::from_value(expected["predefined_bucket_resos_wh"].clone())
+            .expect("bucket list");
     assert_eq!(used, exp_used);
     assert_eq!(scan.num_batches(), 40);
 }
@@ -66,7 +79,14 @@ fn fixture_dataset_matches_sd_scripts() {
 fn epoch_plan_is_deterministic_and_complete() {
     let toml = fixture("train-images/dataset.toml");
     let group = load_dataset_config(&toml, &DatasetArgs::default()).expect("valid config");
-    let scan = scan_datasets(&group, &ScanOptions { base_dir: fixtures_dir(), verify_decode: false }).expect("scan");
+    let scan = scan_datasets(
+        &group,
+        &ScanOptions {
+            base_dir: fixtures_dir(),
+            verify_decode: false,
+        },
+    )
+    .expect("scan");
     let a = plan_epoch(&scan, 1234, 1);
     let b = plan_epoch(&scan, 1234, 1);
     assert_eq!(a, b);
@@ -77,7 +97,10 @@ fn epoch_plan_is_deterministic_and_complete() {
         assert!(!batch.samples.is_empty() && batch.samples.len() <= 2);
         for s in &batch.samples {
             counts[s.image] += 1;
-            assert_eq!(scan.datasets[0].images[s.image].assignment.bucket, batch.bucket);
+            assert_eq!(
+                scan.datasets[0].images[s.image].assignment.bucket,
+                batch.bucket
+            );
         }
     }
     assert_eq!(counts, vec![10; 8]);
@@ -86,17 +109,41 @@ fn epoch_plan_is_deterministic_and_complete() {
     assert_ne!(a.batches, plan_epoch(&scan, 1235, 1).batches);
     // Pinned first batch: bitwise reproducibility across builds (ChaCha8 + own draws).
     let first: Vec<usize> = a.batches[0].samples.iter().map(|s| s.image).collect();
-    let again: Vec<usize> = plan_epoch(&scan, 1234, 1).batches[0].samples.iter().map(|s| s.image).collect();
+    let again: Vec<usize> = plan_epoch(&scan, 1234, 1).batches[0]
+        .samples
+        .iter()
+        .map(|s| s.image)
+        .collect();
     assert_eq!(first, again);
 
-    let listing = debug_listing(&scan, &a, CaptionProgress { epoch: 1, step: 0, max_train_steps: 400 });
+    let listing = debug_listing(
+        &scan,
+        &a,
+        CaptionProgress {
+            epoch: 1,
+            step: 0,
+            max_train_steps: 400,
+        },
+    );
     assert_eq!(listing.batches.len(), 40);
     assert_eq!(listing.num_batches, 40);
-    assert_eq!(listing.datasets[0].buckets, vec![(Resolution::new(256, 256), 50), (Resolution::new(320, 192), 30)]);
+    assert_eq!(
+        listing.datasets[0].buckets,
+        vec![
+            (Resolution::new(256, 256), 50),
+            (Resolution::new(320, 192), 30)
+        ]
+    );
     let json = serde_json::to_value(&listing).expect("serialise");
-    assert_eq!(json["datasets"][0]["buckets"][0], serde_json::json!([[256, 256], 50]));
+    assert_eq!(
+        json["datasets"][0]["buckets"][0],
+        serde_json::json!([[256, 256], 50])
+    );
     let text = listing.to_text();
-    assert!(text.starts_with("epoch 1 (seed 1234): 40 batches\n"), "{text}");
+    assert!(
+        text.starts_with("epoch 1 (seed 1234): 40 batches\n"),
+        "{text}"
+    );
     assert!(text.contains("  bucket 320x192: 30\n"), "{text}");
     assert!(text.contains("| repeats 10 | tok photo, "), "{text}");
 }
@@ -106,7 +153,11 @@ fn folder_mode_with_reg_balancing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let train = dir.path().join("train");
     let reg = dir.path().join("reg");
-    for (folder, n) in [(train.join("3_sks dog"), 2), (reg.join("1_dog"), 5), (train.join("not_a_subset"), 1)] {
+    for (folder, n) in [
+        (train.join("3_sks dog"), 2),
+        (reg.join("1_dog"), 5),
+        (train.join("not_a_subset"), 1),
+    ] {
         fs::create_dir_all(&folder).expect("mkdir");
         for i in 0..n {
             write_png(&folder.join(format!("img{i}.png")), 64, 64);
@@ -122,7 +173,11 @@ fn folder_mode_with_reg_balancing() {
     };
     let group = config_from_args(&args).expect("config");
     assert_eq!(group.datasets[0].subsets.len(), 2);
-    assert!(group.warnings.iter().any(|w| w.contains("not_a_subset")), "{:?}", group.warnings);
+    assert!(
+        group.warnings.iter().any(|w| w.contains("not_a_subset")),
+        "{:?}",
+        group.warnings
+    );
     let scan = scan_datasets(&group, &ScanOptions::default()).expect("scan");
     let ds = &scan.datasets[0];
     // 2 train images x 3 repeats = 6; 5 reg images x 1 = 5 before balancing.
@@ -130,10 +185,18 @@ fn folder_mode_with_reg_balancing() {
     assert_eq!(ds.num_reg_images, 5);
     // Balancing: first round registers all 5 reg images (n = 5), second round adds one
     // repeat to the first reg image (n = 6) and stops.
-    let reg_repeats: Vec<u32> = ds.images.iter().filter(|e| e.is_reg).map(|e| e.num_repeats).collect();
+    let reg_repeats: Vec<u32> = ds
+        .images
+        .iter()
+        .filter(|e| e.is_reg)
+        .map(|e| e.num_repeats)
+        .collect();
     assert_eq!(reg_repeats, vec![2, 1, 1, 1, 1]);
     let caption: Vec<&str> = ds.images.iter().map(|e| e.caption.as_str()).collect();
-    assert_eq!(caption, vec!["sks dog", "sks dog", "dog", "dog", "dog", "dog", "dog"]);
+    assert_eq!(
+        caption,
+        vec!["sks dog", "sks dog", "dog", "dog", "dog", "dog", "dog"]
+    );
     // 12 samples in one 64x64 bucket at batch 4 -> 3 batches.
     assert_eq!(ds.num_batches(), 3);
     let reg_index = ds.images.iter().position(|e| e.is_reg).expect("reg image");
@@ -158,9 +221,22 @@ fn surplus_reg_images_are_dropped_in_order() {
         resolution: Some(Resolution::new(64, 64)),
         ..DatasetArgs::default()
     };
-    let scan = scan_datasets(&config_from_args(&args).expect("config"), &ScanOptions::default()).expect("scan");
-    let names: Vec<String> =
-        scan.datasets[0].images.iter().map(|e| e.path.file_name().expect("name").to_string_lossy().into_owned()).collect();
+    let scan = scan_datasets(
+        &config_from_args(&args).expect("config"),
+        &ScanOptions::default(),
+    )
+    .expect("scan");
+    let names: Vec<String> = scan.datasets[0]
+        .images
+        .iter()
+        .map(|e| {
+            e.path
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
     assert_eq!(names, vec!["t.png", "r0.png"]);
     assert_eq!(scan.datasets[0].num_reg_images, 3);
 }
@@ -185,12 +261,29 @@ fn all_problems_are_reported_together() {
          [[datasets]]\n[[datasets.subsets]]\nimage_dir = \"imgs\"\nclass_tokens = \"x\"\n",
     );
     let group = load_dataset_config(&toml, &DatasetArgs::default()).expect("config");
-    let err = scan_datasets(&group, &ScanOptions { base_dir: dir.path().to_path_buf(), verify_decode: false })
-        .expect_err("problems");
-    let DatasetError::Scan { issues } = &err else { panic!("expected a scan error, got {err}") };
+    let err = scan_datasets(
+        &group,
+        &ScanOptions {
+            base_dir: dir.path().to_path_buf(),
+            verify_decode: false,
+        },
+    )
+    .expect_err("problems");
+    let DatasetError::Scan { issues } = &err else {
+        panic!("expected a scan error, got {err}")
+    };
     let mut found: Vec<(String, bool)> = issues
         .iter()
-        .map(|i| (i.path.file_name().expect("name").to_string_lossy().into_owned(), !i.reason.is_empty()))
+        .map(|i| {
+            (
+                i.path
+                    .file_name()
+                    .expect("name")
+                    .to_string_lossy()
+                    .into_owned(),
+                !i.reason.is_empty(),
+            )
+        })
         .collect();
     found.sort();
     assert_eq!(
@@ -236,12 +329,26 @@ fn fine_tuning_metadata() {
     let got: Vec<(String, &str, Resolution)> = ds
         .images
         .iter()
-        .map(|e| (e.path.file_name().expect("name").to_string_lossy().into_owned(), e.caption.as_str(), e.size))
+        .map(|e| {
+            (
+                e.path
+                    .file_name()
+                    .expect("name")
+                    .to_string_lossy()
+                    .into_owned(),
+                e.caption.as_str(),
+                e.size,
+            )
+        })
         .collect();
     assert_eq!(
         got,
         vec![
-            ("a.png".to_owned(), "a cat,tag1, tag2", Resolution::new(96, 64)),
+            (
+                "a.png".to_owned(),
+                "a cat,tag1, tag2",
+                Resolution::new(96, 64)
+            ),
             ("b.jpg".to_owned(), "only tags", Resolution::new(64, 64)),
         ]
     );
