@@ -147,13 +147,26 @@ impl ClipTextConfig {
             path: path.to_owned(),
             source,
         })?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| TextEncoderError::Config {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Self::from_json_value(&value, &path.display().to_string())
+    }
+
+    /// Parses a transformers `CLIPTextConfig` already read as JSON; `source_name` names where
+    /// it came from in errors (a file, or a metadata key).
+    ///
+    /// # Errors
+    /// [`TextEncoderError::Config`] on missing fields or an inconsistent head count.
+    pub fn from_json_value(value: &serde_json::Value, source_name: &str) -> Result<Self> {
         let invalid = |reason: String| TextEncoderError::Config {
-            path: path.to_owned(),
+            path: PathBuf::from(source_name),
             reason,
         };
-        let mut config: Self = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let mut config: Self =
+            serde_json::from_value(value.clone()).map_err(|e| invalid(e.to_string()))?;
         config.with_projection = value
             .get("architectures")
             .and_then(|a| a.as_array())
