@@ -61,7 +61,10 @@ fn random_module(layer: LayerKind, rank: i64, alpha: Option<f64>, seed: i64) -> 
                 [rank, in_channels as i64, kernel[0] as i64, kernel[1] as i64],
                 (Kind::Float, Device::Cpu),
             ),
-            Tensor::randn([out_channels as i64, rank, 1, 1], (Kind::Float, Device::Cpu)),
+            Tensor::randn(
+                [out_channels as i64, rank, 1, 1],
+                (Kind::Float, Device::Cpu),
+            ),
         ),
     };
     LoraModule::from_tensors("lora_unet_x", layer, down, up, alpha).expect("valid shapes")
@@ -169,7 +172,13 @@ fn conv1x1_accepts_2d_pairs_and_linear_accepts_4d_pairs() {
         .forward_delta(&x.permute([0, 2, 3, 1]), false)
         .expect("runs")
         .permute([0, 3, 1, 2]);
-    assert_close("1×1 = linear", &to_vec(&via_conv), &to_vec(&via_linear), 1e-5, 1e-5);
+    assert_close(
+        "1×1 = linear",
+        &to_vec(&via_conv),
+        &to_vec(&via_linear),
+        1e-5,
+        1e-5,
+    );
     let bad = LoraModule::from_tensors(
         "lora_unet_p",
         linear(8, 8),
@@ -178,7 +187,10 @@ fn conv1x1_accepts_2d_pairs_and_linear_accepts_4d_pairs() {
         None,
     );
     let msg = bad.expect_err("wrong in-dim").to_string();
-    assert!(msg.contains("lora_unet_p") && msg.contains("[4, 7]"), "{msg}");
+    assert!(
+        msg.contains("lora_unet_p") && msg.contains("[4, 7]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -215,7 +227,10 @@ fn dropouts_follow_the_reference_in_training_only() {
         ..Dropouts::default()
     };
     assert!(m.forward_delta(&x, true).is_none());
-    assert_eq!(to_vec(&m.forward_delta(&x, false).expect("eval")), to_vec(&plain));
+    assert_eq!(
+        to_vec(&m.forward_delta(&x, false).expect("eval")),
+        to_vec(&plain)
+    );
 
     // rank dropout: mask rand(B, r) > p broadcast over tokens, scale × 1/(1-p).
     let p = 0.5;
@@ -233,7 +248,10 @@ fn dropouts_follow_the_reference_in_training_only() {
     let want = (x.linear(&m.lora_down, None::<Tensor>) * mask).linear(&m.lora_up, None::<Tensor>)
         * (m.scale() / (1.0 - p));
     assert_close("rank dropout", &to_vec(&got), &to_vec(&want), 1e-5, 1e-5);
-    assert_eq!(to_vec(&m.forward_delta(&x, false).expect("eval")), to_vec(&plain));
+    assert_eq!(
+        to_vec(&m.forward_delta(&x, false).expect("eval")),
+        to_vec(&plain)
+    );
 
     // neuron dropout on down(x).
     m.dropouts = Dropouts {

@@ -53,7 +53,11 @@ fn layers(model: &str, component: &str, conv_proj: bool) -> Vec<Layer> {
                     out_features: shape[0],
                 },
                 4 => {
-                    let s = if path.contains("downsamplers.0.conv") { 2 } else { 1 };
+                    let s = if path.contains("downsamplers.0.conv") {
+                        2
+                    } else {
+                        1
+                    };
                     let p = if shape[2] == 3 { 1 } else { 0 };
                     LayerKind::Conv2d {
                         in_channels: shape[1],
@@ -159,7 +163,13 @@ fn check(model: &str, family: ModelFamily, conv: bool, conv_proj: bool, linear_p
             let dims: Vec<String> = s
                 .trim_matches(|c| c == '[' || c == ']')
                 .split(',')
-                .map(|d| if d == "r" { rank.to_string() } else { d.to_owned() })
+                .map(|d| {
+                    if d == "r" {
+                        rank.to_string()
+                    } else {
+                        d.to_owned()
+                    }
+                })
                 .collect();
             let dims = if linear_proj && is_proj && dims.len() == 4 {
                 dims[..2].to_vec()
@@ -173,7 +183,11 @@ fn check(model: &str, family: ModelFamily, conv: bool, conv_proj: bool, linear_p
         assert_eq!(m.block_index.to_string(), r[19], "{ctx}: block index");
         assert_eq!(block_index(family, &m.name).to_string(), r[19], "{ctx}");
         if family != ModelFamily::Sdxl || m.component != Component::Unet {
-            assert_eq!(format!("{}.weight", m.layer_path), r[14], "{ctx}: wrapped layer");
+            assert_eq!(
+                format!("{}.weight", m.layer_path),
+                r[14],
+                "{ctx}: wrapped layer"
+            );
         }
     }
 }
@@ -194,16 +208,28 @@ fn sd21_modules_match_the_manifest_with_both_projection_kinds() {
     // Diffusers-format model: the same names and order, proj_in/proj_out Linear.
     check("sd21v", ModelFamily::Sd2, false, false, true);
     check("sd21v", ModelFamily::Sd2, true, false, true);
-    assert_eq!(network("sd21v", ModelFamily::Sd2, false, true).1, [138, 192]);
-    assert_eq!(network("sd21v", ModelFamily::Sd2, true, false).1, [138, 278]);
+    assert_eq!(
+        network("sd21v", ModelFamily::Sd2, false, true).1,
+        [138, 192]
+    );
+    assert_eq!(
+        network("sd21v", ModelFamily::Sd2, true, false).1,
+        [138, 278]
+    );
 }
 
 #[test]
 fn sdxl_modules_match_the_manifest() {
     check("sdxl", ModelFamily::Sdxl, false, false, false);
     check("sdxl", ModelFamily::Sdxl, true, false, false);
-    assert_eq!(network("sdxl", ModelFamily::Sdxl, false, false).1, [72, 192, 722]);
-    assert_eq!(network("sdxl", ModelFamily::Sdxl, true, false).1, [72, 192, 788]);
+    assert_eq!(
+        network("sdxl", ModelFamily::Sdxl, false, false).1,
+        [72, 192, 722]
+    );
+    assert_eq!(
+        network("sdxl", ModelFamily::Sdxl, true, false).1,
+        [72, 192, 788]
+    );
 }
 
 /// The reference extends a class-level target list when a network has a conv rank, so a later
@@ -221,7 +247,10 @@ fn options_are_not_shared_between_networks() {
     let again = select_modules(ModelFamily::Sd1, Component::Unet, &unet, &plain).expect("ok");
     assert_eq!(first.len(), 192);
     assert_eq!(with_conv.len(), 278);
-    assert_eq!(again, first, "a second network must not inherit conv targets");
+    assert_eq!(
+        again, first,
+        "a second network must not inherit conv targets"
+    );
     assert!(
         again
             .iter()
@@ -258,7 +287,15 @@ fn alpha_zero_means_rank_and_conv_alpha_defaults_to_one() {
 
 #[test]
 fn vae_and_foreign_text_encoders_are_refused() {
-    assert!(select_modules(ModelFamily::Sd1, Component::Vae, &[], &NetworkOptions::default()).is_err());
+    assert!(
+        select_modules(
+            ModelFamily::Sd1,
+            Component::Vae,
+            &[],
+            &NetworkOptions::default()
+        )
+        .is_err()
+    );
     assert!(
         select_modules(
             ModelFamily::Sd1,

@@ -158,8 +158,9 @@ mod tests {
         meta.insert("ss_x".to_string(), "1".to_string());
         meta.insert("sshs_model_hash".to_string(), "ignored".to_string());
         let h = sshs_hashes(Path::new("x"), &t, &meta).expect("valid tensors");
-        let only_ss: BTreeMap<String, String> =
-            [("ss_x".to_string(), "1".to_string())].into_iter().collect();
+        let only_ss: BTreeMap<String, String> = [("ss_x".to_string(), "1".to_string())]
+            .into_iter()
+            .collect();
         let (header, _) = serialize_header(Path::new("x"), &t, Some(&only_ss)).expect("header");
         let mut file = (header.len() as u64).to_le_bytes().to_vec();
         file.extend_from_slice(&header);

@@ -14,7 +14,7 @@ pub mod tensor_file;
 
 pub mod diffusers;
 pub mod family;
-pub mod keymap;
 pub mod hashes;
+pub mod keymap;
 pub mod lora;
 pub mod metadata;

@@ -472,7 +472,10 @@ mod tests {
         let v = PyValue::Dict(vec![
             ("conv_dim".into(), "4".into()),
             ("dropout".into(), PyValue::None),
-            ("é😀".into(), PyValue::List(vec![1e-5f64.into(), true.into()])),
+            (
+                "é😀".into(),
+                PyValue::List(vec![1e-5f64.into(), true.into()]),
+            ),
             (PyValue::Int(3), 2.0f64.into()),
         ]);
         assert_eq!(
@@ -492,7 +495,10 @@ mod tests {
             date: iso_date_utc(1_700_000_000),
             extra: BTreeMap::new(),
         });
-        assert_eq!(m["modelspec.architecture"], "stable-diffusion-v2-768-v/lora");
+        assert_eq!(
+            m["modelspec.architecture"],
+            "stable-diffusion-v2-768-v/lora"
+        );
         assert_eq!(m["modelspec.implementation"], "diffusers");
         assert_eq!(m["modelspec.resolution"], "768x768");
         assert_eq!(m["modelspec.prediction_type"], "v");

@@ -63,9 +63,7 @@ impl NameConverter {
         }
         match style {
             KeyStyle::ComfyUi => self.comfyui(module),
-            _ => self
-                .diffusers(module)
-                .or_else(|| self.comfyui(module)),
+            _ => self.diffusers(module).or_else(|| self.comfyui(module)),
         }
     }
 
@@ -98,8 +96,7 @@ impl NameConverter {
             && segs[3].parse::<usize>().is_ok()
             && matches!(
                 (segs[4], segs[5]),
-                ("self_attn", "q_proj" | "k_proj" | "v_proj" | "out_proj")
-                    | ("mlp", "fc1" | "fc2")
+                ("self_attn", "q_proj" | "k_proj" | "v_proj" | "out_proj") | ("mlp", "fc1" | "fc2")
             );
         if !ok {
             return None;
@@ -166,8 +163,14 @@ impl NameConverter {
             ("text_encoders.clip_h.transformer.", Component::TextEncoder),
             ("text_encoders.clip_g.transformer.", Component::TextEncoder2),
             ("cond_stage_model.transformer.", Component::TextEncoder),
-            ("conditioner.embedders.0.transformer.", Component::TextEncoder),
-            ("conditioner.embedders.1.transformer.", Component::TextEncoder2),
+            (
+                "conditioner.embedders.0.transformer.",
+                Component::TextEncoder,
+            ),
+            (
+                "conditioner.embedders.1.transformer.",
+                Component::TextEncoder2,
+            ),
         ] {
             if let Some(p) = module.strip_prefix(prefix) {
                 return te(component, p);
@@ -193,11 +196,8 @@ mod tests {
             Some("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_out_0")
         );
         assert_eq!(
-            c.to_kohya(
-                "lora_unet_up_blocks_0_upsamplers_0_conv",
-                KeyStyle::Kohya
-            )
-            .as_deref(),
+            c.to_kohya("lora_unet_up_blocks_0_upsamplers_0_conv", KeyStyle::Kohya)
+                .as_deref(),
             Some("lora_unet_output_blocks_2_2_conv")
         );
         assert_eq!(
@@ -213,18 +213,18 @@ mod tests {
             .as_deref(),
             Some("lora_te2_text_model_encoder_layers_31_self_attn_out_proj")
         );
-        assert_eq!(c.to_kohya("unet.nonsense.layer", KeyStyle::DiffusersPeft), None);
+        assert_eq!(
+            c.to_kohya("unet.nonsense.layer", KeyStyle::DiffusersPeft),
+            None
+        );
     }
 
     #[test]
     fn sd1_comfyui_maps_ldm_to_diffusers_names() {
         let c = NameConverter::new(ModelFamily::Sd1);
         assert_eq!(
-            c.to_kohya(
-                "diffusion_model.output_blocks.2.1.conv",
-                KeyStyle::ComfyUi
-            )
-            .as_deref(),
+            c.to_kohya("diffusion_model.output_blocks.2.1.conv", KeyStyle::ComfyUi)
+                .as_deref(),
             Some("lora_unet_up_blocks_0_upsamplers_0_conv")
         );
         assert_eq!(

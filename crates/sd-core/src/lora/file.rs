@@ -228,9 +228,7 @@ impl LoraWeights {
         }
 
         let style = layout.style();
-        let family = opts
-            .family
-            .unwrap_or_else(|| detect_family(&file, &layout));
+        let family = opts.family.unwrap_or_else(|| detect_family(&file, &layout));
         let converter = NameConverter::new(family);
         let peft_alpha = opts
             .peft_alpha
@@ -359,14 +357,14 @@ impl LoraWeights {
             for (suffix, tensor) in [("lora_down.weight", &t.down), ("lora_up.weight", &t.up)] {
                 let key = format!("{name}.{suffix}");
                 let tensor = match opts.dtype {
-                    Some(d) => tensor.to_kind(kind_of(d).ok_or_else(|| {
-                        LoraError::UnsupportedDtype {
+                    Some(d) => {
+                        tensor.to_kind(kind_of(d).ok_or_else(|| LoraError::UnsupportedDtype {
                             path: path.to_path_buf(),
                             key: key.clone(),
                             dtype: d.to_string(),
                             expected: "F32, F16, BF16 or F64",
-                        }
-                    })?),
+                        })?)
+                    }
                     None => tensor.shallow_clone(),
                 };
                 let blob = tensor_bytes(&tensor).ok_or_else(|| LoraError::UnsupportedDtype {
@@ -488,6 +486,9 @@ pub struct SaveReport {
     pub tag_frequency_trimmed: bool,
 }
 
+/// One `ss_tag_frequency` directory: name and (tag, count) pairs, most frequent first.
+type TagDir = (String, Vec<(String, serde_json::Value)>);
+
 /// Shrinks `ss_tag_frequency` (least frequent tags first, per directory) until the header fits
 /// `limit`; drops the key when even no tags do not fit. Returns whether it changed anything.
 fn fit_header(
@@ -506,27 +507,26 @@ fn fit_header(
     let Some(original) = metadata.get("ss_tag_frequency").cloned() else {
         return Ok(false); // the writer reports the oversize header
     };
-    let parsed: Option<Vec<(String, Vec<(String, serde_json::Value)>)>> =
-        serde_json::from_str::<serde_json::Value>(&original)
-            .ok()
-            .and_then(|v| {
-                v.as_object().map(|dirs| {
-                    dirs.iter()
-                        .map(|(d, tags)| {
-                            let mut tags: Vec<(String, serde_json::Value)> = tags
-                                .as_object()
-                                .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                                .unwrap_or_default();
-                            // Most frequent first; stable, so ties keep file order.
-                            tags.sort_by(|a, b| {
-                                let (x, y) = (a.1.as_f64().unwrap_or(0.0), b.1.as_f64().unwrap_or(0.0));
-                                y.partial_cmp(&x).unwrap_or(std::cmp::Ordering::Equal)
-                            });
-                            (d.clone(), tags)
-                        })
-                        .collect()
-                })
-            });
+    let parsed: Option<Vec<TagDir>> = serde_json::from_str::<serde_json::Value>(&original)
+        .ok()
+        .and_then(|v| {
+            v.as_object().map(|dirs| {
+                dirs.iter()
+                    .map(|(d, tags)| {
+                        let mut tags: Vec<(String, serde_json::Value)> = tags
+                            .as_object()
+                            .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                            .unwrap_or_default();
+                        // Most frequent first; stable, so ties keep file order.
+                        tags.sort_by(|a, b| {
+                            let (x, y) = (a.1.as_f64().unwrap_or(0.0), b.1.as_f64().unwrap_or(0.0));
+                            y.partial_cmp(&x).unwrap_or(std::cmp::Ordering::Equal)
+                        });
+                        (d.clone(), tags)
+                    })
+                    .collect()
+            })
+        });
     if let Some(dirs) = parsed {
         let most = dirs.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
         let mut keep = most / 2;

@@ -102,9 +102,9 @@ impl LoraModule {
         let ds = down.size();
         let us = up.size();
         let (in_dim, out_dim) = (layer.in_dim() as i64, layer.out_dim() as i64);
-        let rank = *ds.first().ok_or_else(|| {
-            shape_err(name, "a 2-D or 4-D lora_down".into(), ds.clone())
-        })?;
+        let rank = *ds
+            .first()
+            .ok_or_else(|| shape_err(name, "a 2-D or 4-D lora_down".into(), ds.clone()))?;
         let (down, up) = match layer {
             LayerKind::Linear { .. } => {
                 let down_ok = ds == [rank, in_dim] || ds == [rank, in_dim, 1, 1];
@@ -122,8 +122,8 @@ impl LoraModule {
             }
             LayerKind::Conv2d { kernel, .. } => {
                 let (kh, kw) = (kernel[0] as i64, kernel[1] as i64);
-                let down_ok = ds == [rank, in_dim, kh, kw]
-                    || (kernel == [1, 1] && ds == [rank, in_dim]);
+                let down_ok =
+                    ds == [rank, in_dim, kh, kw] || (kernel == [1, 1] && ds == [rank, in_dim]);
                 let up_ok = us == [out_dim, rank, 1, 1] || us == [out_dim, rank];
                 if !down_ok || !up_ok {
                     return Err(shape_err(
@@ -233,7 +233,7 @@ impl LoraModule {
                 4 => mask = mask.unsqueeze(-1).unsqueeze(-1),
                 _ => {}
             }
-            lx = lx * mask;
+            lx *= mask;
             scale *= 1.0 / (1.0 - p);
         }
         // 5. up projection, multiplier and scale
@@ -263,12 +263,15 @@ impl LoraModule {
                 out_channels,
                 kernel,
                 ..
-            } => up.reshape([out_channels as i64, r]).mm(&down.reshape([r, -1])).reshape([
-                out_channels as i64,
-                in_channels as i64,
-                kernel[0] as i64,
-                kernel[1] as i64,
-            ]),
+            } => up
+                .reshape([out_channels as i64, r])
+                .mm(&down.reshape([r, -1]))
+                .reshape([
+                    out_channels as i64,
+                    in_channels as i64,
+                    kernel[0] as i64,
+                    kernel[1] as i64,
+                ]),
         };
         w * self.scale()
     }

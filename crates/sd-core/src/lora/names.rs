@@ -218,7 +218,9 @@ pub fn lora_prefix(family: ModelFamily, component: Component) -> Result<&'static
         (ModelFamily::Sdxl, Component::TextEncoder) => Ok("lora_te1"),
         (_, Component::TextEncoder) => Ok("lora_te"),
         (ModelFamily::Sdxl, Component::TextEncoder2) => Ok("lora_te2"),
-        (f, c) => Err(LoraError::Invalid(format!("{f} has no LoRA modules on {c}"))),
+        (f, c) => Err(LoraError::Invalid(format!(
+            "{f} has no LoRA modules on {c}"
+        ))),
     }
 }
 
@@ -311,7 +313,10 @@ const ORDER: &[&str] = &[
     "conv",
 ];
 
-fn order_key(path: &str) -> Vec<(u8, usize, String)> {
+/// Sort key of a module path: per segment (class, rank or number, unknown name).
+type OrderKey = Vec<(u8, usize, String)>;
+
+fn order_key(path: &str) -> OrderKey {
     path.split('.')
         .map(|s| {
             if let Ok(n) = s.parse::<usize>() {
@@ -432,7 +437,10 @@ pub fn select_modules(
 ) -> Result<Vec<ModuleSpec>> {
     let prefix = lora_prefix(family, component)?;
     let sai = if family == ModelFamily::Sdxl && component == Component::Unet {
-        let keys: Vec<String> = layers.iter().map(|l| format!("{}.weight", l.path)).collect();
+        let keys: Vec<String> = layers
+            .iter()
+            .map(|l| format!("{}.weight", l.path))
+            .collect();
         let structure = ModelStructure::from_diffusers_keys(
             family,
             keys.iter().map(|k| (Component::Unet, k.as_str())),
@@ -449,7 +457,7 @@ pub fn select_modules(
         if alpha == 0.0 { rank as f32 } else { alpha }
     };
 
-    let mut out: Vec<(Vec<(u8, usize, String)>, ModuleSpec)> = Vec::new();
+    let mut out: Vec<(OrderKey, ModuleSpec)> = Vec::new();
     for layer in layers {
         let segs: Vec<&str> = layer.path.split('.').collect();
         let Some((container, _)) = container_of(component, &segs) else {
@@ -636,14 +644,32 @@ mod tests {
             block_index(f, "lora_unet_down_blocks_0_attentions_1_proj_in"),
             2
         );
-        assert_eq!(block_index(f, "lora_unet_down_blocks_2_downsamplers_0_conv"), 9);
-        assert_eq!(block_index(f, "lora_unet_up_blocks_0_upsamplers_0_conv"), 15);
+        assert_eq!(
+            block_index(f, "lora_unet_down_blocks_2_downsamplers_0_conv"),
+            9
+        );
+        assert_eq!(
+            block_index(f, "lora_unet_up_blocks_0_upsamplers_0_conv"),
+            15
+        );
         assert_eq!(block_index(f, "lora_unet_up_blocks_3_resnets_2_conv1"), 24);
         assert_eq!(block_index(f, "lora_unet_mid_block_resnets_1_conv2"), 12);
-        assert_eq!(block_index(f, "lora_te_text_model_encoder_layers_0_mlp_fc1"), -1);
-        assert_eq!(lbw_slot(f, "lora_unet_down_blocks_2_downsamplers_0_conv"), Some(10));
-        assert_eq!(lbw_slot(f, "lora_unet_up_blocks_1_upsamplers_0_conv"), Some(19));
-        assert_eq!(lbw_slot(f, "lora_te_text_model_encoder_layers_0_mlp_fc1"), Some(0));
+        assert_eq!(
+            block_index(f, "lora_te_text_model_encoder_layers_0_mlp_fc1"),
+            -1
+        );
+        assert_eq!(
+            lbw_slot(f, "lora_unet_down_blocks_2_downsamplers_0_conv"),
+            Some(10)
+        );
+        assert_eq!(
+            lbw_slot(f, "lora_unet_up_blocks_1_upsamplers_0_conv"),
+            Some(19)
+        );
+        assert_eq!(
+            lbw_slot(f, "lora_te_text_model_encoder_layers_0_mlp_fc1"),
+            Some(0)
+        );
     }
 
     #[test]
@@ -651,9 +677,21 @@ mod tests {
         let f = ModelFamily::Sdxl;
         assert_eq!(block_index(f, "lora_unet_input_blocks_4_1_proj_in"), 5);
         assert_eq!(block_index(f, "lora_unet_middle_block_2_out_layers_3"), 12);
-        assert_eq!(block_index(f, "lora_unet_output_blocks_8_0_skip_connection"), 21);
-        assert_eq!(block_index(f, "lora_te2_text_model_encoder_layers_0_mlp_fc1"), -1);
-        assert_eq!(lbw_slot(f, "lora_unet_middle_block_2_out_layers_3"), Some(13));
-        assert_eq!(lbw_slot(f, "lora_unet_output_blocks_8_0_skip_connection"), Some(22));
+        assert_eq!(
+            block_index(f, "lora_unet_output_blocks_8_0_skip_connection"),
+            21
+        );
+        assert_eq!(
+            block_index(f, "lora_te2_text_model_encoder_layers_0_mlp_fc1"),
+            -1
+        );
+        assert_eq!(
+            lbw_slot(f, "lora_unet_middle_block_2_out_layers_3"),
+            Some(13)
+        );
+        assert_eq!(
+            lbw_slot(f, "lora_unet_output_blocks_8_0_skip_connection"),
+            Some(22)
+        );
     }
 }
