@@ -11,8 +11,8 @@
 //! Equivalent in spirit to bitsandbytes' fused blockwise kernels
 //! (`kOptimizerStatic8bit2StateBlockwise` / `...1StateBlockwise`), not bit-identical:
 //! * the nearest code is found through a 65536-entry table indexed by the bf16 bit pattern
-//!   of the normalised value (bf16 rounding can pick the neighbour code of a near-tie), while
-//!   bitsandbytes searches the map with its own pivot scheme;
+//!   of the normalised value plus a one-step midpoint correction (exact nearest code, ties
+//!   aside), while bitsandbytes searches the map with its own pivot scheme;
 //! * the work is unfused tch ops (dequantise, update, requantise), several passes over memory
 //!   instead of one kernel;
 //! * weight decay multiplies the parameter before the Adam step (PyTorch's order); the
@@ -76,9 +76,13 @@ pub fn create_dynamic_map(signed: bool, max_exponent_bits: i64, total_bits: i64)
 pub struct DynamicMap {
     /// The map values, f32 [256], sorted.
     code: Tensor,
-    /// For each bf16 bit pattern p (indexed by p as i16 + 32768), the u8 index of the code
-    /// nearest to that bf16 value; u8 [65536].
+    /// For each bf16 bit pattern p (indexed by p as i16 + 32768), the index of the code
+    /// nearest to that bf16 value; i64 [65536].
     lut: Tensor,
+    /// Midpoint between code i and code i+1 (+inf for the last), f32 [256].
+    upper_mid: Tensor,
+    /// Midpoint between code i−1 and code i (−inf for the first), f32 [256].
+    lower_mid: Tensor,
     signed: bool,
 }
 
@@ -107,9 +111,17 @@ impl DynamicMap {
                 best as u8
             };
         }
+        let mids: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+        let mut upper = mids.clone();
+        upper.push(f32::INFINITY);
+        let mut lower = vec![f32::NEG_INFINITY];
+        lower.extend(&mids);
+        let lut: Vec<i64> = lut.into_iter().map(i64::from).collect();
         Self {
             code: Tensor::from_slice(&code),
             lut: Tensor::from_slice(&lut),
+            upper_mid: Tensor::from_slice(&upper),
+            lower_mid: Tensor::from_slice(&lower),
             signed,
         }
     }
@@ -129,20 +141,31 @@ impl DynamicMap {
         Self {
             code: self.code.to_device(device),
             lut: self.lut.to_device(device),
+            upper_mid: self.upper_mid.to_device(device),
+            lower_mid: self.lower_mid.to_device(device),
             signed: self.signed,
         }
     }
 
     /// Quantises blocks: `x` f32 [nb, 256] → (u8 codes [nb, 256], f32 absmax [nb]).
+    ///
+    /// Each normalised value x/absmax picks the code nearest to its bf16 rounding from the
+    /// lookup table, then moves one code up or down when x itself lies beyond the midpoint to
+    /// that neighbour (bf16 rounding error is always below one code gap), so the result is the
+    /// nearest code (ties between two codes may go either way).
     pub fn quantize_blocks(&self, x: &Tensor) -> (Tensor, Tensor) {
         let absmax = x.abs().amax([1], true);
         let xn = x / absmax.clamp_min(f64::from(f32::MIN_POSITIVE));
-        let index = xn
+        let bits = xn
             .to_kind(Kind::BFloat16)
             .view_dtype(Kind::Int16)
             .to_kind(Kind::Int64)
             + 32768;
-        (self.lut.take(&index), absmax.squeeze_dim(1))
+        let index = self.lut.take(&bits);
+        let up = xn.gt_tensor(&self.upper_mid.take(&index));
+        let down = xn.lt_tensor(&self.lower_mid.take(&index));
+        let index = index + up.to_kind(Kind::Int64) - down.to_kind(Kind::Int64);
+        (index.to_kind(Kind::Uint8), absmax.squeeze_dim(1))
     }
 
     /// Dequantises blocks: u8 codes [nb, 256] and absmax [nb] → f32 [nb, 256].
