@@ -16,6 +16,7 @@
 
 pub mod convert;
 pub mod file;
+pub mod metadata;
 pub mod module;
 pub mod names;
 
