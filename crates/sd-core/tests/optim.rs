@@ -415,7 +415,7 @@ fn train(opt: &mut dyn Optimizer, params: &[Tensor], steps: usize) {
             let flat = p.reshape([-1]);
             let n = flat.size()[0];
             let t = target.repeat([n / 4 + 1]).narrow(0, 0, n);
-            loss = loss + (flat * 1.5 - t).square().sum(Kind::Float);
+            loss += (flat * 1.5 - t).square().sum(Kind::Float);
         }
         loss.backward();
         opt.step(&[0.01, 0.002]).expect("step");
