@@ -8,8 +8,10 @@
 //! by `sd_formats`' key tables, never inside model code.
 
 pub mod lora;
+pub mod loader;
 pub mod models;
 pub mod schedule;
+pub mod tensor;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
