@@ -19,6 +19,7 @@ pub mod file;
 pub mod metadata;
 pub mod module;
 pub mod names;
+pub mod network;
 
 use std::path::PathBuf;
 
@@ -27,6 +28,7 @@ pub use module::{Dropouts, LoraModule};
 pub use names::{
     Container, Layer, LayerKind, ModuleKind, ModuleSpec, NetworkOptions, select_modules,
 };
+pub use network::{ApplyReport, ComponentLayers, LoraNetwork};
 
 /// Result of the LoRA functions.
 pub type Result<T> = std::result::Result<T, LoraError>;

@@ -189,26 +189,12 @@ fn param(p: &nn::Path, name: &str, dims: &[i64], kind: Kind) -> Tensor {
     p.add(name, Tensor::empty(dims, (kind, p.device())), false)
 }
 
-/// A linear layer `y = x Wᵀ + b` with Diffusers names `weight` [out, in] and `bias` [out].
-#[derive(Debug)]
-pub struct Linear {
-    /// Weight, shape [out, in].
-    pub weight: Tensor,
-    /// Bias, shape [out] (absent for `text_projection`).
-    pub bias: Option<Tensor>,
-}
+pub use super::layers::Linear;
 
-impl Linear {
-    fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool, kind: Kind) -> Self {
-        let weight = param(&p, "weight", &[out_dim, in_dim], kind);
-        let bias = bias.then(|| param(&p, "bias", &[out_dim], kind));
-        Self { weight, bias }
-    }
-
-    /// `x` [..., in] → [..., out].
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
-    }
+/// A Linear layer with Diffusers names `weight` [out, in] and `bias` [out], registered for
+/// LoRA like every model layer (see [`super::layers::collect_layers`]).
+fn linear(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool, kind: Kind) -> Linear {
+    Linear::with_kind(&p, in_dim, out_dim, bias, kind)
 }
 
 /// LayerNorm over the last dimension with `weight` and `bias`.
@@ -258,10 +244,10 @@ impl ClipAttention {
     fn new(p: nn::Path, c: &ClipTextConfig, kind: Kind) -> Self {
         let d = c.hidden_size;
         Self {
-            q_proj: Linear::new(&p / "q_proj", d, d, true, kind),
-            k_proj: Linear::new(&p / "k_proj", d, d, true, kind),
-            v_proj: Linear::new(&p / "v_proj", d, d, true, kind),
-            out_proj: Linear::new(&p / "out_proj", d, d, true, kind),
+            q_proj: linear(&p / "q_proj", d, d, true, kind),
+            k_proj: linear(&p / "k_proj", d, d, true, kind),
+            v_proj: linear(&p / "v_proj", d, d, true, kind),
+            out_proj: linear(&p / "out_proj", d, d, true, kind),
             heads: c.num_attention_heads,
         }
     }
@@ -331,8 +317,8 @@ impl ClipEncoderLayer {
             self_attn: ClipAttention::new(&p / "self_attn", c, kind),
             layer_norm2: LayerNorm::new(&p / "layer_norm2", d, eps, kind),
             mlp: ClipMlp {
-                fc1: Linear::new(&p / "mlp" / "fc1", d, c.intermediate_size, true, kind),
-                fc2: Linear::new(&p / "mlp" / "fc2", c.intermediate_size, d, true, kind),
+                fc1: linear(&p / "mlp" / "fc1", d, c.intermediate_size, true, kind),
+                fc2: linear(&p / "mlp" / "fc2", c.intermediate_size, d, true, kind),
                 act: c.hidden_act,
             },
         }
@@ -408,6 +394,7 @@ pub struct ClipTextModel {
     /// `text_projection` (no bias), [projection_dim, D].
     pub text_projection: Option<Linear>,
     config: ClipTextConfig,
+    linear_layers: Vec<super::layers::LayerHandle>,
 }
 
 /// Source keys of Diffusers text-encoder files that hold no parameter (a buffer in older
@@ -423,6 +410,18 @@ impl ClipTextModel {
     /// Builds the module tree under `p` with parameters of `kind` on `p`'s device (loading then
     /// casts every tensor to `kind`, so f16/bf16 models never exist in f32 first).
     pub fn new_with_kind(p: &nn::Path, config: &ClipTextConfig, kind: Kind) -> Self {
+        let (mut model, layers) = super::layers::collect_layers(|| Self::build(p, config, kind));
+        model.linear_layers = layers;
+        model
+    }
+
+    /// Every Linear layer in creation order, with paths relative to `p` (what LoRA networks
+    /// attach to; see [`super::layers::collect_layers`]).
+    pub fn lora_layers(&self) -> &[super::layers::LayerHandle] {
+        &self.linear_layers
+    }
+
+    fn build(p: &nn::Path, config: &ClipTextConfig, kind: Kind) -> Self {
         let tm = p / "text_model";
         let emb = &tm / "embeddings";
         let d = config.hidden_size;
@@ -449,7 +448,7 @@ impl ClipTextModel {
                 kind,
             ),
             text_projection: config.with_projection.then(|| {
-                Linear::new(
+                linear(
                     p / "text_projection",
                     d,
                     config.projection_dim.unwrap_or(d),
@@ -458,6 +457,7 @@ impl ClipTextModel {
                 )
             }),
             config: config.clone(),
+            linear_layers: Vec::new(),
         }
     }
 

@@ -14,7 +14,7 @@ use tch::{Kind, Tensor, nn::Path};
 use super::attention::{Transformer2DModel, TransformerSettings};
 use super::config::{ConfigError, Fields, read_json};
 use super::embeddings::{TimestepEmbedding, timestep_embedding};
-use super::layers::{Conv2d, GroupNorm};
+use super::layers::{Conv2d, GroupNorm, LayerHandle, collect_layers};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 
 /// Kind of one U-Net level's block (down or up).
@@ -455,6 +455,7 @@ pub struct Unet {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    linear_layers: Vec<LayerHandle>,
 }
 
 impl Unet {
@@ -465,6 +466,19 @@ impl Unet {
     /// # Errors
     /// [`ConfigError::Invalid`] when `config` fails [`UnetConfig::validate`].
     pub fn new(vs: &Path, config: &UnetConfig) -> Result<Self, ConfigError> {
+        let (unet, layers) = collect_layers(|| Self::build(vs, config));
+        let mut unet = unet?;
+        unet.linear_layers = layers;
+        Ok(unet)
+    }
+
+    /// Every Linear and Conv2d layer in creation order, with paths relative to `vs` (what LoRA
+    /// networks attach to; see [`super::layers::collect_layers`]).
+    pub fn lora_layers(&self) -> &[LayerHandle] {
+        &self.linear_layers
+    }
+
+    fn build(vs: &Path, config: &UnetConfig) -> Result<Self, ConfigError> {
         config.validate("U-Net config")?;
         let c = config;
         let ch = &c.block_out_channels;
@@ -627,6 +641,7 @@ impl Unet {
                 c.norm_eps,
             ),
             conv_out: Conv2d::new(&(vs / "conv_out"), ch[0], c.out_channels, 3, 1, 1),
+            linear_layers: Vec::new(),
         })
     }
 
