@@ -337,6 +337,47 @@ impl LoraNetwork {
         LoraWeights::from_modules(guards.iter().map(|g| &**g))
     }
 
+    /// Copies the tensors of `weights` into the modules of the same name (`--network_weights`,
+    /// `--resume`): shapes must match exactly and alphas must agree with the network's (the
+    /// reference keeps the old scale after loading a different alpha, spec training.md §7.6;
+    /// we refuse instead). Modules of the file this network lacks are reported, not fatal.
+    /// Returns the number of modules loaded.
+    ///
+    /// # Errors
+    /// [`LoraError::ShapeMismatch`] / [`LoraError::Invalid`] naming the module.
+    pub fn load_module_weights(&self, weights: &LoraWeights) -> Result<usize> {
+        let mut loaded = 0;
+        let mut unknown = Vec::new();
+        let by_name: HashMap<&str, &Attached> = self.modules.iter().map(|m| (m.spec.name.as_str(), m)).collect();
+        for (name, t) in &weights.modules {
+            let Some(m) = by_name.get(name.as_str()) else {
+                unknown.push(name.clone());
+                continue;
+            };
+            let module = m.module.lock().expect("LoRA module lock");
+            let check = LoraModule::from_tensors(name, m.spec.layer, t.down.shallow_clone(), t.up.shallow_clone(), t.alpha)?;
+            if check.rank() != module.rank() {
+                return Err(LoraError::Invalid(format!("module {name}: the file has rank {}, the network {}", check.rank(), module.rank())));
+            }
+            if (check.alpha() - module.alpha()).abs() > 1e-6 * module.alpha().abs().max(1.0) {
+                return Err(LoraError::Invalid(format!(
+                    "module {name}: the file has alpha {}, the network {} (set --network_alpha to the file's value)",
+                    check.alpha(),
+                    module.alpha()
+                )));
+            }
+            tch::no_grad(|| {
+                module.lora_down.shallow_clone().copy_(&check.lora_down);
+                module.lora_up.shallow_clone().copy_(&check.lora_up);
+            });
+            loaded += 1;
+        }
+        if !unknown.is_empty() {
+            tracing::warn!("{} module(s) of the weights match no module of this network: {}", unknown.len(), unknown.join(", "));
+        }
+        Ok(loaded)
+    }
+
     /// The var store holding a created network's trainable variables (empty for networks
     /// loaded from weights).
     pub fn var_store(&self) -> &VarStore {

@@ -13,9 +13,12 @@
 //! §9 (optimisers), §10 (LR schedulers), §11.4 (training state).
 
 pub mod grad;
+pub mod latent_cache;
 pub mod lr_scheduler;
 pub mod optim;
 pub mod optim8bit;
+pub mod state_file;
+pub mod trainer;
 
 pub use grad::{GradScaler, clip_grad_norm};
 pub use lr_scheduler::{LrScheduler, SchedulerConfig, SchedulerType, StepsSpec};
