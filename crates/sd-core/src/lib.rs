@@ -7,6 +7,7 @@
 //! module names derive from them. LDM single-file keys are mapped to those names at load time
 //! by `sd_formats`' key tables, never inside model code.
 
+pub mod generate;
 pub mod lora;
 pub mod loader;
 pub mod models;
