@@ -10,6 +10,7 @@
 pub mod generate;
 pub mod lora;
 pub mod loader;
+pub mod merge;
 pub mod models;
 pub mod schedule;
 pub mod tensor;
