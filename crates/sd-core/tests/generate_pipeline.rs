@@ -102,16 +102,46 @@ fn check_pipeline(golden: &str, dir: &str, config: SamplerConfig, end_to_end: Op
         let x = g["step_sample_in"].get(i);
         let x_in = sampler.scale_model_input(&x, i as usize);
         let unet_in = g["step_unet_input"].get(i);
-        assert_close(&format!("step {i} unet input"), &values(&x_in), &values(&unet_in.get(1)), 1e-5, 1e-5);
+        assert_close(
+            &format!("step {i} unet input"),
+            &values(&x_in),
+            &values(&unet_in.get(1)),
+            1e-5,
+            1e-5,
+        );
         let (guided, uncond, cond) = guidance.predict_parts(&x_in, sampler.timestep(i as usize));
         let uncond = uncond.expect("cfg on");
-        assert_close(&format!("step {i} uncond"), &values(&uncond), &values(&g["step_noise_pred_uncond"].get(i)), 1e-4, 1e-4);
-        assert_close(&format!("step {i} text"), &values(&cond), &values(&g["step_noise_pred_text"].get(i)), 1e-4, 1e-4);
-        assert_close(&format!("step {i} guided"), &values(&guided), &values(&g["step_noise_pred_guided"].get(i)), 1e-3, 1e-4);
+        assert_close(
+            &format!("step {i} uncond"),
+            &values(&uncond),
+            &values(&g["step_noise_pred_uncond"].get(i)),
+            1e-4,
+            1e-4,
+        );
+        assert_close(
+            &format!("step {i} text"),
+            &values(&cond),
+            &values(&g["step_noise_pred_text"].get(i)),
+            1e-4,
+            1e-4,
+        );
+        assert_close(
+            &format!("step {i} guided"),
+            &values(&guided),
+            &values(&g["step_noise_pred_guided"].get(i)),
+            1e-3,
+            1e-4,
+        );
         let golden_guided = g["step_noise_pred_guided"].get(i);
         let mut noise = || anc.expect("ancestral noise").get(i);
         let prev = sampler.step(i as usize, &golden_guided, &x, &mut noise);
-        assert_close(&format!("step {i} prev_sample"), &values(&prev), &values(&g["step_prev_sample"].get(i)), 1e-5, 1e-5);
+        assert_close(
+            &format!("step {i} prev_sample"),
+            &values(&prev),
+            &values(&g["step_prev_sample"].get(i)),
+            1e-5,
+            1e-5,
+        );
     }
 
     if let Some((atol, rtol)) = end_to_end {
@@ -122,49 +152,101 @@ fn check_pipeline(golden: &str, dir: &str, config: SamplerConfig, end_to_end: Op
             k += 1;
             anc.expect("ancestral noise").get(k - 1)
         };
-        let latents = denoise(&guidance, &mut sampler, &g["initial_latents"], &mut noise, &mut |_, _| {});
+        let latents = denoise(
+            &guidance,
+            &mut sampler,
+            &g["initial_latents"],
+            &mut noise,
+            &mut |_, _| {},
+        );
         assert!(init_sigma > 0.0);
-        assert_close("final_latents", &values(&latents), &values(&g["final_latents"]), atol, rtol);
+        assert_close(
+            "final_latents",
+            &values(&latents),
+            &values(&g["final_latents"]),
+            atol,
+            rtol,
+        );
         let decoded = decode_latents(&m, &latents);
-        assert_close("decoded", &values(&decoded), &values(&g["decoded"]), 2e-4, 1e-4);
+        assert_close(
+            "decoded",
+            &values(&decoded),
+            &values(&g["decoded"]),
+            2e-4,
+            1e-4,
+        );
     }
 }
 
 #[test]
 fn sd15_euler_matches_diffusers() {
     let c = golden_config(SamplerKind::Euler, PredictionType::Epsilon, false);
-    check_pipeline("goldens/pipeline-sd15-euler.safetensors", "tiny-sd15", c, Some((1e-3, 1e-4)));
+    check_pipeline(
+        "goldens/pipeline-sd15-euler.safetensors",
+        "tiny-sd15",
+        c,
+        Some((1e-3, 1e-4)),
+    );
 }
 
 #[test]
 fn sd15_euler_ancestral_matches_diffusers_with_its_noise() {
     let c = golden_config(SamplerKind::EulerAncestral, PredictionType::Epsilon, false);
-    check_pipeline("goldens/pipeline-sd15-euler_a.safetensors", "tiny-sd15", c, Some((1e-3, 1e-4)));
+    check_pipeline(
+        "goldens/pipeline-sd15-euler_a.safetensors",
+        "tiny-sd15",
+        c,
+        Some((1e-3, 1e-4)),
+    );
 }
 
 #[test]
 fn sd15_dpmsolver_plus_plus_matches_diffusers() {
-    let c = golden_config(SamplerKind::DpmSolverPlusPlus, PredictionType::Epsilon, false);
-    check_pipeline("goldens/pipeline-sd15-dpmpp_2m.safetensors", "tiny-sd15", c, Some((1e-3, 1e-4)));
+    let c = golden_config(
+        SamplerKind::DpmSolverPlusPlus,
+        PredictionType::Epsilon,
+        false,
+    );
+    check_pipeline(
+        "goldens/pipeline-sd15-dpmpp_2m.safetensors",
+        "tiny-sd15",
+        c,
+        Some((1e-3, 1e-4)),
+    );
 }
 
 #[test]
 fn sd15_ddim_step_by_step_matches_diffusers() {
     // Chaotic end to end (README tolerance table): per-step checks only.
     let c = golden_config(SamplerKind::Ddim, PredictionType::Epsilon, true);
-    check_pipeline("goldens/pipeline-sd15-ddim.safetensors", "tiny-sd15", c, None);
+    check_pipeline(
+        "goldens/pipeline-sd15-ddim.safetensors",
+        "tiny-sd15",
+        c,
+        None,
+    );
 }
 
 #[test]
 fn sd21v_ddim_matches_diffusers() {
     let c = golden_config(SamplerKind::Ddim, PredictionType::VPrediction, false);
-    check_pipeline("goldens/pipeline-sd21v-ddim.safetensors", "tiny-sd21v", c, Some((2e-4, 1e-4)));
+    check_pipeline(
+        "goldens/pipeline-sd21v-ddim.safetensors",
+        "tiny-sd21v",
+        c,
+        Some((2e-4, 1e-4)),
+    );
 }
 
 #[test]
 fn sdxl_euler_matches_diffusers() {
     let c = golden_config(SamplerKind::Euler, PredictionType::Epsilon, false);
-    check_pipeline("goldens/pipeline-sdxl-euler.safetensors", "tiny-sdxl", c, Some((1e-3, 1e-4)));
+    check_pipeline(
+        "goldens/pipeline-sdxl-euler.safetensors",
+        "tiny-sdxl",
+        c,
+        Some((1e-3, 1e-4)),
+    );
 }
 
 #[test]
@@ -200,38 +282,82 @@ fn seeded_noise_equals_pytorch_randn() {
 #[test]
 fn lora_at_0_7_applied_equals_merged_and_matches_the_unet_golden() {
     tch::set_num_threads(1);
-    let weights = LoraWeights::load(fixture("lora/lora-sd15.safetensors"), &Default::default()).expect("lora");
+    let weights = LoraWeights::load(fixture("lora/lora-sd15.safetensors"), &Default::default())
+        .expect("lora");
     let s = GenerationSettings {
         width: 64,
         height: 32,
         steps: 3,
-        ..settings(SamplerConfig::gen_img(SamplerKind::Euler, PredictionType::Epsilon))
+        ..settings(SamplerConfig::gen_img(
+            SamplerKind::Euler,
+            PredictionType::Epsilon,
+        ))
     };
     let img = ImageSpec { seed: 5, ..spec() };
 
     let applied = model("tiny-sd15", false);
-    let (mut net, _) = LoraNetwork::from_weights(&weights, applied.family, &model_components(&applied), 0.7).expect("net");
+    let (mut net, _) =
+        LoraNetwork::from_weights(&weights, applied.family, &model_components(&applied), 0.7)
+            .expect("net");
     net.apply();
     // The U-Net with the LoRA applied reproduces sd-scripts' golden output.
     let lg = read("goldens/lora-sd15-applied.safetensors");
     let base = read("goldens/unet-sd15.safetensors");
-    let out = tch::no_grad(|| applied.unet.forward(&lg["unet_sample"], &lg["unet_timestep"], &base["encoder_hidden_states"], None));
-    assert_close("unet with LoRA 0.7", &values(&out), &values(&lg["unet_noise_pred"]), 1e-4, 1e-4);
-    let (lat_a, img_a) = txt2img(&applied, std::slice::from_ref(&img), &s, &mut |_, _| {}).expect("applied");
+    let out = tch::no_grad(|| {
+        applied.unet.forward(
+            &lg["unet_sample"],
+            &lg["unet_timestep"],
+            &base["encoder_hidden_states"],
+            None,
+        )
+    });
+    assert_close(
+        "unet with LoRA 0.7",
+        &values(&out),
+        &values(&lg["unet_noise_pred"]),
+        1e-4,
+        1e-4,
+    );
+    let (lat_a, img_a) =
+        txt2img(&applied, std::slice::from_ref(&img), &s, &mut |_, _| {}).expect("applied");
 
     let merged = model("tiny-sd15", false);
-    let (mut net_m, _) = LoraNetwork::from_weights(&weights, merged.family, &model_components(&merged), 0.7).expect("net");
+    let (mut net_m, _) =
+        LoraNetwork::from_weights(&weights, merged.family, &model_components(&merged), 0.7)
+            .expect("net");
     net_m.merge();
-    let (lat_m, img_m) = txt2img(&merged, std::slice::from_ref(&img), &s, &mut |_, _| {}).expect("merged");
-    assert_close("latents applied vs merged", &values(&lat_a), &values(&lat_m), 5e-3, 1e-3);
-    let diff = img_a[0].iter().zip(&img_m[0]).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+    let (lat_m, img_m) =
+        txt2img(&merged, std::slice::from_ref(&img), &s, &mut |_, _| {}).expect("merged");
+    assert_close(
+        "latents applied vs merged",
+        &values(&lat_a),
+        &values(&lat_m),
+        5e-3,
+        1e-3,
+    );
+    let diff = img_a[0]
+        .iter()
+        .zip(&img_m[0])
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
     assert!(diff <= 2, "8-bit images differ by {diff}");
 
     // Multiplier 0 gives the base model's image, not the LoRA one.
     net.set_multiplier(0.0);
     let (lat_0, _) = txt2img(&applied, std::slice::from_ref(&img), &s, &mut |_, _| {}).expect("m0");
     let plain = model("tiny-sd15", false);
-    let (lat_p, _) = txt2img(&plain, std::slice::from_ref(&img), &s, &mut |_, _| {}).expect("plain");
-    assert_close("multiplier 0 = no LoRA", &values(&lat_0), &values(&lat_p), 1e-4, 1e-4);
-    assert!((lat_a - lat_p).abs().max().double_value(&[]) > 1e-2, "the LoRA changes the image");
+    let (lat_p, _) =
+        txt2img(&plain, std::slice::from_ref(&img), &s, &mut |_, _| {}).expect("plain");
+    assert_close(
+        "multiplier 0 = no LoRA",
+        &values(&lat_0),
+        &values(&lat_p),
+        1e-4,
+        1e-4,
+    );
+    assert!(
+        (lat_a - lat_p).abs().max().double_value(&[]) > 1e-2,
+        "the LoRA changes the image"
+    );
 }

@@ -69,7 +69,10 @@ fn prompt_line_options() {
     assert_eq!(o.seeds, Some(vec![7, 8]));
     assert_eq!(o.file_name.as_deref(), Some("out.png"));
     assert_eq!(o.clip_prompt.as_deref(), Some("clip text"));
-    assert_eq!((o.original_width, o.original_height), (Some(1024), Some(768)));
+    assert_eq!(
+        (o.original_width, o.original_height),
+        (Some(1024), Some(768))
+    );
     assert_eq!(
         (o.original_width_negative, o.original_height_negative),
         (Some(512), Some(256))
@@ -96,10 +99,20 @@ fn sample_prompt_files_txt_toml_json() {
     assert_eq!(ps.len(), 2);
     assert_eq!(ps[0].prompt, "a dog");
     assert_eq!(ps[0].negative_prompt.as_deref(), Some("cat"));
-    assert_eq!((ps[0].width, ps[0].height), (296, 96), "rounded down to multiples of 8");
-    assert_eq!((ps[0].seed, ps[0].sample_steps, ps[0].scale), (Some(5), 12, 4.0));
+    assert_eq!(
+        (ps[0].width, ps[0].height),
+        (296, 96),
+        "rounded down to multiples of 8"
+    );
+    assert_eq!(
+        (ps[0].seed, ps[0].sample_steps, ps[0].scale),
+        (Some(5), 12, 4.0)
+    );
     assert_eq!(ps[0].sampler.as_deref(), Some("euler_a"));
-    assert_eq!((ps[1].width, ps[1].sample_steps, ps[1].scale, ps[1].seed), (512, 30, 7.5, None));
+    assert_eq!(
+        (ps[1].width, ps[1].sample_steps, ps[1].scale, ps[1].seed),
+        (512, 30, 7.5, None)
+    );
     assert_eq!(ps[1].index, 1);
 
     let toml = dir.path().join("p.toml");
@@ -110,8 +123,15 @@ fn sample_prompt_files_txt_toml_json() {
     .expect("write");
     let ps = read_sample_prompts(&toml).expect("toml");
     assert_eq!(ps.len(), 2);
-    assert_eq!((ps[0].prompt.as_str(), ps[0].width, ps[0].scale), ("one", 256, 5.0));
-    assert_eq!((ps[1].width, ps[1].seed), (128, Some(9)), "subset overrides");
+    assert_eq!(
+        (ps[0].prompt.as_str(), ps[0].width, ps[0].scale),
+        ("one", 256, 5.0)
+    );
+    assert_eq!(
+        (ps[1].width, ps[1].seed),
+        (128, Some(9)),
+        "subset overrides"
+    );
 
     let json = dir.path().join("p.json");
     std::fs::write(
@@ -125,12 +145,17 @@ fn sample_prompt_files_txt_toml_json() {
 
     let bad = dir.path().join("p.json5");
     std::fs::write(&bad, "[]").expect("write");
-    let err = read_sample_prompts(&bad).expect_err("extension").to_string();
+    let err = read_sample_prompts(&bad)
+        .expect_err("extension")
+        .to_string();
     assert!(err.contains("expected .txt, .toml or .json"), "{err}");
     let typed = dir.path().join("t.json");
     std::fs::write(&typed, r#"[{"prompt": "x", "width": "wide"}]"#).expect("write");
     let err = read_sample_prompts(&typed).expect_err("type").to_string();
-    assert!(err.contains("\"width\"") && err.contains("integer"), "{err}");
+    assert!(
+        err.contains("\"width\"") && err.contains("integer"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -175,7 +200,9 @@ fn png_metadata_round_trip() {
 }
 
 fn image_rgb(path: &std::path::Path) -> Vec<u8> {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).expect("open")));
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(path).expect("open"),
+    ));
     let mut reader = decoder.read_info().expect("info");
     let mut buf = vec![0; reader.output_buffer_size().expect("size")];
     let info = reader.next_frame(&mut buf).expect("frame");

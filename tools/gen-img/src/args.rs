@@ -60,7 +60,11 @@ pub struct Args {
     #[arg(long = "from_file", alias = "from-file")]
     pub from_file: Option<PathBuf>,
     /// Images per prompt line.
-    #[arg(long = "images_per_prompt", alias = "images-per-prompt", default_value_t = 1)]
+    #[arg(
+        long = "images_per_prompt",
+        alias = "images-per-prompt",
+        default_value_t = 1
+    )]
     pub images_per_prompt: usize,
     /// Repeat the whole prompt list N times.
     #[arg(long = "n_iter", alias = "n-iter", default_value_t = 1)]
@@ -101,7 +105,11 @@ pub struct Args {
     #[arg(long = "max_embeddings_multiples", alias = "max-embeddings-multiples")]
     pub max_embeddings_multiples: Option<usize>,
     /// Prompt-weight normalisation: original, abs or none.
-    #[arg(long = "emb_normalize_mode", alias = "emb-normalize-mode", default_value = "original")]
+    #[arg(
+        long = "emb_normalize_mode",
+        alias = "emb-normalize-mode",
+        default_value = "original"
+    )]
     pub emb_normalize_mode: String,
 
     /// SDXL original width (size conditioning).

@@ -45,7 +45,10 @@ fn device(args: &Args) -> anyhow::Result<Device> {
 fn refuse_unsupported(args: &Args) -> anyhow::Result<()> {
     let unsupported = [
         (args.image_path.is_some(), "--image_path (img2img)"),
-        (args.mask_path.is_some(), "--mask_path (inpainting / regional LoRA)"),
+        (
+            args.mask_path.is_some(),
+            "--mask_path (inpainting / regional LoRA)",
+        ),
         (args.highres_fix_scale.is_some(), "--highres_fix_scale"),
         (args.interactive, "--interactive"),
         (
@@ -77,16 +80,19 @@ fn refuse_unsupported(args: &Args) -> anyhow::Result<()> {
 /// Replaces the model's VAE weights with a Diffusers-layout VAE (folder or file).
 fn load_vae(model: &StableDiffusion, path: &Path) -> anyhow::Result<()> {
     let file = if path.is_dir() {
-        ["diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
-            .iter()
-            .map(|n| path.join(n))
-            .find(|p| p.is_file())
-            .with_context(|| {
-                format!(
-                    "{}: no diffusion_pytorch_model.safetensors (expected a Diffusers VAE folder)",
-                    path.display()
-                )
-            })?
+        [
+            "diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors",
+        ]
+        .iter()
+        .map(|n| path.join(n))
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "{}: no diffusion_pytorch_model.safetensors (expected a Diffusers VAE folder)",
+                path.display()
+            )
+        })?
     } else {
         path.to_path_buf()
     };
@@ -94,7 +100,10 @@ fn load_vae(model: &StableDiffusion, path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("reading VAE {}", file.display()))?
         .into_iter()
         .collect();
-    if tensors.keys().any(|k| k.starts_with("encoder.down.") || k.starts_with("first_stage_model.")) {
+    if tensors
+        .keys()
+        .any(|k| k.starts_with("encoder.down.") || k.starts_with("first_stage_model."))
+    {
         bail!(
             "{}: LDM-layout VAE files are not supported by --vae yet: convert it to a Diffusers VAE folder",
             file.display()
@@ -132,11 +141,19 @@ fn prompt_lines(args: &Args) -> anyhow::Result<Vec<String>> {
     }
 }
 
-fn base_settings(args: &Args, family: ModelFamily, prediction: PredictionType) -> anyhow::Result<GenerationSettings> {
+fn base_settings(
+    args: &Args,
+    family: ModelFamily,
+    prediction: PredictionType,
+) -> anyhow::Result<GenerationSettings> {
     let kind: SamplerKind = args.sampler.parse()?;
     let mut sampler = SamplerConfig::gen_img(kind, prediction);
     sampler.zero_terminal_snr = args.zero_terminal_snr;
-    let default_size = if family == ModelFamily::Sdxl { 1024 } else { 512 };
+    let default_size = if family == ModelFamily::Sdxl {
+        1024
+    } else {
+        512
+    };
     let normalize = match args.emb_normalize_mode.as_str() {
         "original" => EmbNormalize::Original,
         "abs" => EmbNormalize::Abs,
@@ -229,7 +246,13 @@ fn jobs(args: &Args, lines: &[String], base: &GenerationSettings) -> Vec<Job> {
     out
 }
 
-fn metadata(job: &Job, sampler: &str, family: ModelFamily, networks: &InferenceNetworks, multipliers: &[f64]) -> Vec<(String, String)> {
+fn metadata(
+    job: &Job,
+    sampler: &str,
+    family: ModelFamily,
+    networks: &InferenceNetworks,
+    multipliers: &[f64],
+) -> Vec<(String, String)> {
     let s = &job.settings;
     let mut m = vec![
         ("prompt".to_owned(), job.spec.prompt.clone()),
@@ -237,7 +260,10 @@ fn metadata(job: &Job, sampler: &str, family: ModelFamily, networks: &InferenceN
         ("sampler".to_owned(), sampler.to_owned()),
         ("steps".to_owned(), s.steps.to_string()),
         ("scale".to_owned(), py_float(s.scale)),
-        ("negative-prompt".to_owned(), job.spec.negative_prompt.clone()),
+        (
+            "negative-prompt".to_owned(),
+            job.spec.negative_prompt.clone(),
+        ),
     ];
     if let Some(n) = s.negative_scale {
         m.push(("negative-scale".to_owned(), py_float(n)));
@@ -251,8 +277,14 @@ fn metadata(job: &Job, sampler: &str, family: ModelFamily, networks: &InferenceN
         let x = &s.sdxl;
         m.push(("original-height".to_owned(), v(x.original_height)));
         m.push(("original-width".to_owned(), v(x.original_width)));
-        m.push(("original-height-negative".to_owned(), v(x.original_height_negative)));
-        m.push(("original-width-negative".to_owned(), v(x.original_width_negative)));
+        m.push((
+            "original-height-negative".to_owned(),
+            v(x.original_height_negative),
+        ));
+        m.push((
+            "original-width-negative".to_owned(),
+            v(x.original_width_negative),
+        ));
         m.push(("crop-top".to_owned(), v(x.crop_top)));
         m.push(("crop-left".to_owned(), v(x.crop_left)));
     }
@@ -263,8 +295,15 @@ fn metadata(job: &Job, sampler: &str, family: ModelFamily, networks: &InferenceN
             .loaded
             .iter()
             .map(|(path, m, merged)| {
-                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let mul = if *merged { *m } else { dynamic.next().copied().unwrap_or(*m) };
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let mul = if *merged {
+                    *m
+                } else {
+                    dynamic.next().copied().unwrap_or(*m)
+                };
                 format!("{name}:{}", py_float(mul))
             })
             .collect();
@@ -314,9 +353,18 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let model = StableDiffusion::load(&args.ckpt, &opts)
         .with_context(|| format!("loading model {}", args.ckpt.display()))?;
     if args.sdxl && model.family != ModelFamily::Sdxl {
-        bail!("--sdxl was given but {} is {:?}", args.ckpt.display(), model.family);
+        bail!(
+            "--sdxl was given but {} is {:?}",
+            args.ckpt.display(),
+            model.family
+        );
     }
-    tracing::info!("loaded {:?} model {} in {:.1} s", model.family, args.ckpt.display(), t0.elapsed().as_secs_f64());
+    tracing::info!(
+        "loaded {:?} model {} in {:.1} s",
+        model.family,
+        args.ckpt.display(),
+        t0.elapsed().as_secs_f64()
+    );
     if let Some(vae) = &args.vae {
         load_vae(&model, vae)?;
     }
@@ -332,8 +380,13 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     } else {
         args.network_merge_n_models.unwrap_or(0)
     };
-    let networks = InferenceNetworks::load(&model, &args.network_weights, &args.network_mul, merge_count)
-        .context("loading LoRA networks")?;
+    let networks = InferenceNetworks::load(
+        &model,
+        &args.network_weights,
+        &args.network_mul,
+        merge_count,
+    )
+    .context("loading LoRA networks")?;
 
     let base = base_settings(args, model.family, model.prediction)?;
     let sampler_name = args.sampler.clone();
@@ -381,7 +434,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             let path: PathBuf = args.outdir.join(&name);
             let text = metadata(job, &sampler_name, model.family, &networks, &multipliers);
             let bytes = encode_png(rgb, settings.width as u32, settings.height as u32, &text)?;
-            write_atomically(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+            write_atomically(&path, &bytes)
+                .with_context(|| format!("writing {}", path.display()))?;
             tracing::info!("wrote {}", path.display());
             if args.json {
                 let line = serde_json::json!({

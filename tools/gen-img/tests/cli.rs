@@ -37,20 +37,36 @@ fn generates_named_pngs_with_metadata_and_json() {
     .expect("prompts");
     let out = dir.path().join("out");
     let o = gen_img(&[
-        "--ckpt", model.to_str().expect("utf-8"),
-        "--model_config_dir", config.to_str().expect("utf-8"),
-        "--from_file", prompts.to_str().expect("utf-8"),
-        "--images_per_prompt", "2",
-        "--batch_size", "2",
-        "--W", "64", "--H", "32",
-        "--steps", "3",
-        "--sampler", "k_euler_a",
-        "--seed", "42",
-        "--network_module", "networks.lora",
-        "--network_weights", lora.to_str().expect("utf-8"),
-        "--network_mul", "0.7",
-        "--outdir", out.to_str().expect("utf-8"),
-        "--device", "cpu",
+        "--ckpt",
+        model.to_str().expect("utf-8"),
+        "--model_config_dir",
+        config.to_str().expect("utf-8"),
+        "--from_file",
+        prompts.to_str().expect("utf-8"),
+        "--images_per_prompt",
+        "2",
+        "--batch_size",
+        "2",
+        "--W",
+        "64",
+        "--H",
+        "32",
+        "--steps",
+        "3",
+        "--sampler",
+        "k_euler_a",
+        "--seed",
+        "42",
+        "--network_module",
+        "networks.lora",
+        "--network_weights",
+        lora.to_str().expect("utf-8"),
+        "--network_mul",
+        "0.7",
+        "--outdir",
+        out.to_str().expect("utf-8"),
+        "--device",
+        "cpu",
         "--json",
     ]);
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -62,22 +78,38 @@ fn generates_named_pngs_with_metadata_and_json() {
         .collect();
     assert_eq!(lines.len(), 4);
     // Line 1: seeds from --d; line 2: from random.Random(42).randint(0, 2**32-1).
-    let seeds: Vec<u64> = lines.iter().map(|l| l["seed"].as_u64().expect("seed")).collect();
+    let seeds: Vec<u64> = lines
+        .iter()
+        .map(|l| l["seed"].as_u64().expect("seed"))
+        .collect();
     assert_eq!(seeds, vec![5, 6, 2746317213, 1181241943]);
     assert_eq!(lines[0]["network_multipliers"], serde_json::json!([0.5]));
     assert_eq!(lines[2]["network_multipliers"], serde_json::json!([0.7]));
-    assert_eq!((lines[2]["width"].as_i64(), lines[2]["steps"].as_u64()), (Some(32), Some(2)));
+    assert_eq!(
+        (lines[2]["width"].as_i64(), lines[2]["steps"].as_u64()),
+        (Some(32), Some(2))
+    );
 
     let first = Path::new(lines[0]["file"].as_str().expect("file")).to_path_buf();
-    let name = first.file_name().expect("name").to_string_lossy().into_owned();
-    assert!(name.starts_with("im_") && name.ends_with("_000_5.png"), "{name}");
+    let name = first
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        name.starts_with("im_") && name.ends_with("_000_5.png"),
+        "{name}"
+    );
     assert_eq!(text(&first, "prompt").as_deref(), Some("a (red:1.2) cat"));
     assert_eq!(text(&first, "negative-prompt").as_deref(), Some("blurry"));
     assert_eq!(text(&first, "seed").as_deref(), Some("5"));
     assert_eq!(text(&first, "sampler").as_deref(), Some("k_euler_a"));
     assert_eq!(text(&first, "steps").as_deref(), Some("3"));
     assert_eq!(text(&first, "scale").as_deref(), Some("7.5"));
-    assert_eq!(text(&first, "lora").as_deref(), Some("lora-sd15.safetensors:0.5"));
+    assert_eq!(
+        text(&first, "lora").as_deref(),
+        Some("lora-sd15.safetensors:0.5")
+    );
     let third = Path::new(lines[2]["file"].as_str().expect("file")).to_path_buf();
     assert_eq!(text(&third, "scale").as_deref(), Some("4.0"));
     assert_eq!(text(&third, "negative-prompt").as_deref(), Some(""));
@@ -92,12 +124,25 @@ fn same_seed_same_image_and_single_prompt_uses_the_seed() {
     let model = fixture("tiny-sd15");
     let run = |out: &str| {
         let o = gen_img(&[
-            "--ckpt", model.to_str().expect("utf-8"),
-            "--prompt", "a cat",
-            "--W", "32", "--H", "32", "--steps", "2", "--sampler", "dpmsolver++",
-            "--seed", "1234", "--sequential_file_name",
-            "--outdir", dir.path().join(out).to_str().expect("utf-8"),
-            "--device", "cpu",
+            "--ckpt",
+            model.to_str().expect("utf-8"),
+            "--prompt",
+            "a cat",
+            "--W",
+            "32",
+            "--H",
+            "32",
+            "--steps",
+            "2",
+            "--sampler",
+            "dpmsolver++",
+            "--seed",
+            "1234",
+            "--sequential_file_name",
+            "--outdir",
+            dir.path().join(out).to_str().expect("utf-8"),
+            "--device",
+            "cpu",
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         dir.path().join(out).join("im_000001.png")
@@ -112,10 +157,21 @@ fn same_seed_same_image_and_single_prompt_uses_the_seed() {
 fn refuses_bad_inputs_with_messages() {
     let model = fixture("tiny-sd15");
     let m = model.to_str().expect("utf-8");
-    let o = gen_img(&["--ckpt", m, "--prompt", "x", "--sampler", "nope", "--device", "cpu"]);
+    let o = gen_img(&[
+        "--ckpt",
+        m,
+        "--prompt",
+        "x",
+        "--sampler",
+        "nope",
+        "--device",
+        "cpu",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown sampler \"nope\""));
-    let o = gen_img(&["--ckpt", m, "--prompt", "x", "--W", "60", "--steps", "1", "--device", "cpu"]);
+    let o = gen_img(&[
+        "--ckpt", m, "--prompt", "x", "--W", "60", "--steps", "1", "--device", "cpu",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("multiples of 8"));
     let o = gen_img(&["--ckpt", m, "--device", "cpu"]);

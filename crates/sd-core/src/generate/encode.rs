@@ -140,7 +140,8 @@ pub fn encode_texts(
             for j in 0..chunks_n {
                 all_weights.push(1.0);
                 for k in 0..CHUNK_TOKENS {
-                    all_weights.push(weights.get(j * CHUNK_TOKENS + k).copied().unwrap_or(1.0) as f32);
+                    all_weights
+                        .push(weights.get(j * CHUNK_TOKENS + k).copied().unwrap_or(1.0) as f32);
                 }
                 all_weights.push(1.0);
             }

@@ -69,7 +69,9 @@ pub struct PyRandom {
 
 impl std::fmt::Debug for PyRandom {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PyRandom").field("index", &self.index).finish()
+        f.debug_struct("PyRandom")
+            .field("index", &self.index)
+            .finish()
     }
 }
 
@@ -322,8 +324,12 @@ pub fn sample_images(
         path: opts.out_dir.to_owned(),
         source,
     })?;
-    let resume = tch::Tensor::randint(i64::from(u32::MAX), [1], (tch::Kind::Int64, tch::Device::Cpu))
-        .int64_value(&[0]);
+    let resume = tch::Tensor::randint(
+        i64::from(u32::MAX),
+        [1],
+        (tch::Kind::Int64, tch::Device::Cpu),
+    )
+    .int64_value(&[0]);
     let mut rng = PyRandom::from_entropy();
     let result = (|| {
         let mut written = Vec::new();
@@ -364,12 +370,20 @@ pub fn sample_images(
                 negative_prompt: p.negative_prompt.clone().unwrap_or_default(),
                 seed,
             };
-            let (_, images) = txt2img(model, std::slice::from_ref(&spec), &settings, &mut |_, _| {})?;
+            let (_, images) = txt2img(
+                model,
+                std::slice::from_ref(&spec),
+                &settings,
+                &mut |_, _| {},
+            )?;
             let when = match opts.epoch {
                 Some(e) => format!("e{e:06}"),
                 None => format!("{:06}", opts.step),
             };
-            let prefix = opts.output_name.map(|n| format!("{n}_")).unwrap_or_default();
+            let prefix = opts
+                .output_name
+                .map(|n| format!("{n}_"))
+                .unwrap_or_default();
             let seed_part = p.seed.map(|s| format!("_{s}")).unwrap_or_default();
             let name = format!(
                 "{prefix}{when}_{:02}_{}{seed_part}.png",
@@ -385,7 +399,12 @@ pub fn sample_images(
                 ("steps".to_owned(), p.sample_steps.to_string()),
                 ("scale".to_owned(), png::py_float(p.scale)),
             ];
-            let bytes = png::encode_png(&images[0], settings.width as u32, settings.height as u32, &text)?;
+            let bytes = png::encode_png(
+                &images[0],
+                settings.width as u32,
+                settings.height as u32,
+                &text,
+            )?;
             png::write_atomically(&path, &bytes)?;
             tracing::info!("sample image {}", path.display());
             written.push(path);
@@ -402,6 +421,9 @@ mod tests {
 
     #[test]
     fn file_names() {
-        assert_eq!(image_file_name("20240101120000", 3, 42), "im_20240101120000_003_42.png");
+        assert_eq!(
+            image_file_name("20240101120000", 3, 42),
+            "im_20240101120000_003_42.png"
+        );
     }
 }

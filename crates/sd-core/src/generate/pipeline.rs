@@ -73,7 +73,12 @@ pub struct ImageSpec {
 /// # Shapes
 /// `latent_h`, `latent_w` in latent cells (pixels / 8) → `[1, 4, h, w]` f32 CPU, and `draws`
 /// tensors of that shape.
-pub fn seeded_noise(seed: u64, latent_h: i64, latent_w: i64, draws: usize) -> (Tensor, Vec<Tensor>) {
+pub fn seeded_noise(
+    seed: u64,
+    latent_h: i64,
+    latent_w: i64,
+    draws: usize,
+) -> (Tensor, Vec<Tensor>) {
     tch::manual_seed(seed as i64);
     let opts = (Kind::Float, Device::Cpu);
     let start = Tensor::randn([1, 4, latent_h, latent_w], opts);

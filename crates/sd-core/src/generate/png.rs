@@ -13,7 +13,12 @@ use super::{GenerateError, Result};
 ///
 /// # Errors
 /// [`GenerateError::Invalid`] when `rgb` is not `width·height·3` bytes or encoding fails.
-pub fn encode_png(rgb: &[u8], width: u32, height: u32, text: &[(String, String)]) -> Result<Vec<u8>> {
+pub fn encode_png(
+    rgb: &[u8],
+    width: u32,
+    height: u32,
+    text: &[(String, String)],
+) -> Result<Vec<u8>> {
     if rgb.len() != width as usize * height as usize * 3 {
         return Err(GenerateError::Invalid(format!(
             "image buffer of {} bytes for {width}×{height} RGB",
@@ -49,8 +54,14 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         path: path.to_owned(),
         source,
     };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     {
         let f = std::fs::File::create(&tmp).map_err(io)?;

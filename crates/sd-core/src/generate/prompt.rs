@@ -340,7 +340,9 @@ fn apply_option(o: &mut PromptOptions, piece: &str, training: bool) -> bool {
     }
     if training {
         if let Some(v) = value("g ") {
-            return parse_number(v).map(|x| o.guidance_scale = Some(x)).is_some();
+            return parse_number(v)
+                .map(|x| o.guidance_scale = Some(x))
+                .is_some();
         }
         if lower.starts_with("n ") {
             o.negative_prompt = Some(piece[2..].to_owned());
@@ -360,7 +362,9 @@ fn apply_option(o: &mut PromptOptions, piece: &str, training: bool) -> bool {
             o.negative_scale = Some(None);
             return true;
         }
-        return parse_number(v).map(|x| o.negative_scale = Some(Some(x))).is_some();
+        return parse_number(v)
+            .map(|x| o.negative_scale = Some(Some(x)))
+            .is_some();
     }
     if let Some(v) = value("t ") {
         return parse_number(v).map(|x| o.strength = Some(x)).is_some();
@@ -382,9 +386,11 @@ fn apply_option(o: &mut PromptOptions, piece: &str, training: bool) -> bool {
         return true;
     }
     // Deep Shrink / Gradual Latent overrides are accepted and have no effect here.
-    ["dsd1", "dst1", "dsd2", "dst2", "dsr", "glt", "glr", "gle", "gls", "glsn", "glus"]
-        .iter()
-        .any(|p| lower.starts_with(p))
+    [
+        "dsd1", "dst1", "dsd2", "dst2", "dsr", "glt", "glr", "gle", "gls", "glsn", "glus",
+    ]
+    .iter()
+    .any(|p| lower.starts_with(p))
 }
 
 /// Reads gen_img's `--from_file`: UTF-8, one prompt per line; empty lines and lines starting
@@ -505,8 +511,7 @@ fn options_from_json(
             "scale" => o.scale = Some(num()?),
             "guidance_scale" => o.guidance_scale = Some(num()?),
             "sample_sampler" => o.sampler = Some(text()?),
-            "controlnet_image" | "cfg_trunc_ratio" | "renorm_cfg" | "flow_shift"
-            | "enum" => {}
+            "controlnet_image" | "cfg_trunc_ratio" | "renorm_cfg" | "flow_shift" | "enum" => {}
             other => tracing::warn!(
                 "{}: {what}: unknown key \"{other}\" ignored",
                 path.display()
@@ -549,15 +554,17 @@ pub fn read_sample_prompts(path: &Path) -> Result<Vec<SamplePrompt>> {
             let value: toml::Value = toml::from_str(&text).map_err(|e| {
                 GenerateError::Invalid(format!("{}: invalid TOML: {e}", path.display()))
             })?;
-            let json = serde_json::to_value(value).map_err(|e| {
-                GenerateError::Invalid(format!("{}: {e}", path.display()))
-            })?;
-            let prompt = json.get("prompt").and_then(|p| p.as_object()).ok_or_else(|| {
-                GenerateError::Invalid(format!(
-                    "{}: expected a [prompt] table with [[prompt.subset]] entries",
-                    path.display()
-                ))
-            })?;
+            let json = serde_json::to_value(value)
+                .map_err(|e| GenerateError::Invalid(format!("{}: {e}", path.display())))?;
+            let prompt = json
+                .get("prompt")
+                .and_then(|p| p.as_object())
+                .ok_or_else(|| {
+                    GenerateError::Invalid(format!(
+                        "{}: expected a [prompt] table with [[prompt.subset]] entries",
+                        path.display()
+                    ))
+                })?;
             let mut defaults = prompt.clone();
             let subsets = defaults
                 .remove("subset")

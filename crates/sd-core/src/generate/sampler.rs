@@ -341,7 +341,9 @@ impl Sampler {
                         .map(|i| round_even(i as f64 * (n_train - 1) as f64 / n as f64))
                         .collect(),
                     Spacing::Trailing => (0..n)
-                        .map(|i| round_even(n_train as f64 - i as f64 * n_train as f64 / n as f64) - 1.0)
+                        .map(|i| {
+                            round_even(n_train as f64 - i as f64 * n_train as f64 / n as f64) - 1.0
+                        })
                         .collect(),
                 };
                 let mut sigmas: Vec<f64> = ts.iter().map(|&t| interp(t, &sigma_table)).collect();
@@ -682,7 +684,7 @@ impl Sampler {
         let mut y = x.shallow_clone();
         for j in 0..order {
             let c = lms_coefficient(&self.sigmas, order, call, j);
-            y = y + &self.history[order - 1 - j] * c;
+            y += &self.history[order - 1 - j] * c;
         }
         y
     }
@@ -785,8 +787,14 @@ mod tests {
 
     #[test]
     fn names_and_aliases() {
-        assert_eq!("k_euler_a".parse::<SamplerKind>().ok(), Some(SamplerKind::EulerAncestral));
-        assert_eq!("DPMSolver++".parse::<SamplerKind>().ok(), Some(SamplerKind::DpmSolverPlusPlus));
+        assert_eq!(
+            "k_euler_a".parse::<SamplerKind>().ok(),
+            Some(SamplerKind::EulerAncestral)
+        );
+        assert_eq!(
+            "DPMSolver++".parse::<SamplerKind>().ok(),
+            Some(SamplerKind::DpmSolverPlusPlus)
+        );
         assert!("k_heun".parse::<SamplerKind>().is_err());
         for n in SAMPLER_NAMES {
             assert!(n.parse::<SamplerKind>().is_ok(), "{n}");
@@ -810,7 +818,9 @@ mod tests {
         let sigmas = [10.0, 6.0, 3.0, 1.5, 0.5, 0.0];
         for i in 0..5 {
             let order = (i + 1).min(4);
-            let total: f64 = (0..order).map(|j| lms_coefficient(&sigmas, order, i, j)).sum();
+            let total: f64 = (0..order)
+                .map(|j| lms_coefficient(&sigmas, order, i, j))
+                .sum();
             assert!((total - (sigmas[i + 1] - sigmas[i])).abs() < 1e-12);
         }
     }
