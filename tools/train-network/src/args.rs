@@ -1002,10 +1002,8 @@ mod tests {
             "--optimizer_type",
             "--lr_scheduler",
             "--mixed_precision",
-            "--gradient_checkpointing",
             "--save_every_n_epochs",
             "--config_file",
-            "--sample_prompts",
         ] {
             assert!(help.contains(flag), "--help lacks {flag}");
         }

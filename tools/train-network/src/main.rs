@@ -6,6 +6,7 @@ mod args;
 mod compat;
 mod config_file;
 mod options;
+mod run;
 
 use std::process::ExitCode;
 
@@ -67,5 +68,5 @@ fn body(parsed: args::Parsed) -> anyhow::Result<ExitCode> {
     for warning in &datasets.warnings {
         tracing::warn!("{warning}");
     }
-    anyhow::bail!("training is not wired into train-network yet (options and datasets are valid)")
+    run::run(&options, &datasets, parsed.args.dataset.json, &parsed.args.verbosity)
 }

@@ -17,7 +17,12 @@ pub fn write(path: &Path, named: &[(String, Tensor)]) -> Result<(), TrainError> 
     let mut blobs = Vec::with_capacity(named.len());
     for (name, t) in named {
         let t = t.to_device(Device::Cpu).contiguous();
-        let dtype = dtype_of(t.kind()).ok_or_else(|| TrainError::Invalid(format!("state tensor {name}: kind {:?} cannot be saved", t.kind())))?;
+        let dtype = dtype_of(t.kind()).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "state tensor {name}: kind {:?} cannot be saved",
+                t.kind()
+            ))
+        })?;
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         let numel = shape.iter().product::<usize>();
         let mut bytes = vec![0u8; numel * dtype.size()];
@@ -40,9 +45,19 @@ pub fn read(path: &Path, device: Device) -> Result<Vec<(String, Tensor)>, TrainE
     let file = SafetensorsFile::open(path).map_err(|e| TrainError::Invalid(e.to_string()))?;
     let mut out = Vec::new();
     for name in file.names() {
-        let info = file.info(name).ok_or_else(|| TrainError::Invalid(format!("{}: no info for {name}", path.display())))?;
-        let data = file.data(name).map_err(|e| TrainError::Invalid(e.to_string()))?;
-        let t = from_bytes(&format!("{} key {name}", path.display()), info.dtype, &info.shape, data).map_err(TrainError::Invalid)?;
+        let info = file.info(name).ok_or_else(|| {
+            TrainError::Invalid(format!("{}: no info for {name}", path.display()))
+        })?;
+        let data = file
+            .data(name)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let t = from_bytes(
+            &format!("{} key {name}", path.display()),
+            info.dtype,
+            &info.shape,
+            data,
+        )
+        .map_err(TrainError::Invalid)?;
         out.push((name.clone(), t.to_device(device)));
     }
     Ok(out)

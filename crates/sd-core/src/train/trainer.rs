@@ -30,9 +30,14 @@ use sd_formats::keymap::Component;
 use sd_formats::metadata::{ModelSpecInput, PyValue, iso_date_utc, py_float_repr};
 use tch::{Device, Kind, Tensor};
 
-use super::{GradScaler, LrScheduler, Optimizer, OptimizerConfig, ParamGroup, SchedulerConfig, clip_grad_norm};
+use super::{
+    GradScaler, LrScheduler, Optimizer, OptimizerConfig, ParamGroup, SchedulerConfig,
+    clip_grad_norm,
+};
 use crate::loader::{ModelLoadOptions, StableDiffusion};
-use crate::lora::{ComponentLayers, Dropouts, LoraNetwork, LoraWeights, NetworkOptions, SaveOptions};
+use crate::lora::{
+    ComponentLayers, Dropouts, LoraNetwork, LoraWeights, NetworkOptions, SaveOptions,
+};
 use crate::models::text_encoder::{OutputLayer, join_chunks};
 use crate::models::unet::TextTimeCondition;
 use crate::schedule::{NoiseSchedule, PredictionType};
@@ -82,7 +87,10 @@ pub enum TrainError {
 pub type Result<T> = std::result::Result<T, TrainError>;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.to_path_buf(), source }
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Loss function (`--loss_type`, spec §6.6).
@@ -347,7 +355,9 @@ struct TrainState {
 
 /// Derives the seed of one micro-batch's random draws (splitmix64 of the three numbers).
 fn mix_seed(seed: u64, epoch: u64, batch: u64) -> i64 {
-    let mut z = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ batch.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut z = seed
+        ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ batch.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     (z ^ (z >> 31)) as i64 & i64::MAX
@@ -368,11 +378,21 @@ pub struct StepPlan {
 
 impl StepPlan {
     /// `max_train_epochs` overrides `max_train_steps` (spec §11.1).
-    pub fn new(batches_per_epoch: u64, accumulation: u64, max_train_steps: u64, max_train_epochs: Option<u64>) -> Self {
+    pub fn new(
+        batches_per_epoch: u64,
+        accumulation: u64,
+        max_train_steps: u64,
+        max_train_epochs: Option<u64>,
+    ) -> Self {
         let g = accumulation.max(1);
         let u = batches_per_epoch.div_ceil(g).max(1);
         let max_train_steps = max_train_epochs.map_or(max_train_steps, |e| e * u);
-        Self { batches_per_epoch, steps_per_epoch: u, max_train_steps, num_epochs: max_train_steps.div_ceil(u) }
+        Self {
+            batches_per_epoch,
+            steps_per_epoch: u,
+            max_train_steps,
+            num_epochs: max_train_steps.div_ceil(u),
+        }
     }
 }
 
@@ -432,9 +452,16 @@ pub fn train(
 }
 
 impl<'a> Run<'a> {
-    fn new(cfg: &'a TrainConfig, scan: &'a DatasetScan, interrupt: Arc<AtomicBool>, observer: &mut dyn TrainObserver) -> Result<Self> {
+    fn new(
+        cfg: &'a TrainConfig,
+        scan: &'a DatasetScan,
+        interrupt: Arc<AtomicBool>,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<Self> {
         if !cfg.train_unet && !cfg.train_text_encoder {
-            return Err(TrainError::Invalid("nothing to train: both the U-Net and the text encoder are excluded".into()));
+            return Err(TrainError::Invalid(
+                "nothing to train: both the U-Net and the text encoder are excluded".into(),
+            ));
         }
         let kind = cfg.mixed_precision.kind();
         let vae_kind = if cfg.no_half_vae { Kind::Float } else { kind };
@@ -458,26 +485,47 @@ impl<'a> Run<'a> {
         // The network: U-Net and/or text encoder(s), f32 weights.
         let mut components = Vec::new();
         if cfg.train_unet {
-            components.push(ComponentLayers { component: Component::Unet, layers: model.unet.lora_layers() });
+            components.push(ComponentLayers {
+                component: Component::Unet,
+                layers: model.unet.lora_layers(),
+            });
         }
         if cfg.train_text_encoder {
             for slot in &model.text_encoders {
-                components.push(ComponentLayers { component: slot.component, layers: slot.model.lora_layers() });
+                components.push(ComponentLayers {
+                    component: slot.component,
+                    layers: slot.model.lora_layers(),
+                });
             }
         }
-        let mut network = LoraNetwork::create(model.family, &components, &cfg.network, cfg.dropouts, cfg.device)?;
+        let mut network = LoraNetwork::create(
+            model.family,
+            &components,
+            &cfg.network,
+            cfg.dropouts,
+            cfg.device,
+        )?;
         drop(components);
         if let Some(path) = &cfg.network_weights {
             let weights = LoraWeights::load(path, &Default::default())?;
             let loaded = network.load_module_weights(&weights)?;
-            observer.info(&format!("--network_weights {}: loaded {loaded} of {} modules", path.display(), network.len()));
+            observer.info(&format!(
+                "--network_weights {}: loaded {loaded} of {} modules",
+                path.display(),
+                network.len()
+            ));
         }
         network.apply();
         network.set_train(true);
         observer.info(&format!(
             "LoRA network: {} modules ({})",
             network.len(),
-            network.parameters().iter().map(|(c, p)| format!("{} {}", c.name(), p.len() / 2)).collect::<Vec<_>>().join(", ")
+            network
+                .parameters()
+                .iter()
+                .map(|(c, p)| format!("{} {}", c.name(), p.len() / 2))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
 
         // Parameter groups (spec §7.5): text encoder first, then U-Net; a zero lr drops a group.
@@ -485,36 +533,75 @@ impl<'a> Run<'a> {
         let mut te_params = Vec::new();
         let mut unet_params = Vec::new();
         for (component, params) in network.parameters() {
-            if component == Component::Unet { unet_params.extend(params) } else { te_params.extend(params) }
+            if component == Component::Unet {
+                unet_params.extend(params)
+            } else {
+                te_params.extend(params)
+            }
         }
         let relative_step = cfg.optimizer.relative_step();
         let te_lr = cfg.text_encoder_lr.unwrap_or(cfg.learning_rate);
         let unet_lr = cfg.unet_lr.unwrap_or(cfg.learning_rate);
         if !te_params.is_empty() && (te_lr != 0.0 || relative_step) {
-            groups.push(ParamGroup::new("textencoder", te_params, if relative_step { cfg.learning_rate } else { te_lr }));
+            groups.push(ParamGroup::new(
+                "textencoder",
+                te_params,
+                if relative_step {
+                    cfg.learning_rate
+                } else {
+                    te_lr
+                },
+            ));
         }
         if !unet_params.is_empty() && (unet_lr != 0.0 || relative_step) {
-            groups.push(ParamGroup::new("unet", unet_params, if relative_step { cfg.learning_rate } else { unet_lr }));
+            groups.push(ParamGroup::new(
+                "unet",
+                unet_params,
+                if relative_step {
+                    cfg.learning_rate
+                } else {
+                    unet_lr
+                },
+            ));
         }
         if groups.is_empty() {
-            return Err(TrainError::Invalid("every parameter group has a learning rate of 0: nothing would be trained".into()));
+            return Err(TrainError::Invalid(
+                "every parameter group has a learning rate of 0: nothing would be trained".into(),
+            ));
         }
         let base_lrs: Vec<f64> = groups.iter().map(|g| g.lr).collect();
         let group_names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
         let optimizer = cfg.optimizer.build(groups);
 
-        let plan = StepPlan::new(scan.num_batches(), cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.max_train_epochs);
+        let plan = StepPlan::new(
+            scan.num_batches(),
+            cfg.gradient_accumulation_steps,
+            cfg.max_train_steps,
+            cfg.max_train_epochs,
+        );
         let mut sched_cfg = cfg.scheduler.clone();
         sched_cfg.max_train_steps = plan.max_train_steps;
         sched_cfg.learning_rate = cfg.learning_rate;
         let scheduler = LrScheduler::new(&sched_cfg)?;
-        let scaler = (cfg.mixed_precision == MixedPrecision::Fp16).then(|| GradScaler::new(cfg.device));
-        let noise = if cfg.zero_terminal_snr { NoiseSchedule::stable_diffusion().with_zero_terminal_snr() } else { NoiseSchedule::stable_diffusion() };
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let scaler =
+            (cfg.mixed_precision == MixedPrecision::Fp16).then(|| GradScaler::new(cfg.device));
+        let noise = if cfg.zero_terminal_snr {
+            NoiseSchedule::stable_diffusion().with_zero_terminal_snr()
+        } else {
+            NoiseSchedule::stable_diffusion()
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         let log = match &cfg.logging_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-                let path = dir.join(format!("{}-{}.jsonl", cfg.output_name.as_deref().unwrap_or("train"), now as u64));
+                let path = dir.join(format!(
+                    "{}-{}.jsonl",
+                    cfg.output_name.as_deref().unwrap_or("train"),
+                    now as u64
+                ));
                 Some(std::fs::File::create(&path).map_err(io_err(&path))?)
             }
             None => None,
@@ -542,10 +629,20 @@ impl<'a> Run<'a> {
     fn train(&mut self, observer: &mut dyn TrainObserver) -> Result<TrainSummary> {
         let cfg = self.cfg;
         std::fs::create_dir_all(&cfg.output_dir).map_err(io_err(&cfg.output_dir))?;
-        let mut state = TrainState { current_epoch: 0, current_step: 0, batches_done_in_epoch: 0, seed: cfg.seed };
+        let mut state = TrainState {
+            current_epoch: 0,
+            current_step: 0,
+            batches_done_in_epoch: 0,
+            seed: cfg.seed,
+        };
         if let Some(dir) = &cfg.resume {
             state = self.load_state(dir)?;
-            observer.info(&format!("resumed from {} at step {} (epoch {})", dir.display(), state.current_step, state.current_epoch + 1));
+            observer.info(&format!(
+                "resumed from {} at step {} (epoch {})",
+                dir.display(),
+                state.current_step,
+                state.current_epoch + 1
+            ));
         }
         if state.current_step >= self.plan.max_train_steps {
             return Err(TrainError::Invalid(format!(
@@ -566,7 +663,11 @@ impl<'a> Run<'a> {
         'epochs: while epoch < self.plan.num_epochs {
             let plan: EpochPlan = plan_epoch(self.scan, cfg.seed, (epoch + 1) as u32);
             let n = plan.batches.len() as u64;
-            let start_batch = if epoch == state.current_epoch { state.batches_done_in_epoch } else { 0 };
+            let start_batch = if epoch == state.current_epoch {
+                state.batches_done_in_epoch
+            } else {
+                0
+            };
             let (mut epoch_loss_sum, mut epoch_loss_n) = (0.0, 0u64);
             let mut step_losses = Vec::new();
             for bi in start_batch..n {
@@ -595,7 +696,12 @@ impl<'a> Run<'a> {
                     };
                     self.log_step(&report);
                     observer.step(&report);
-                    let state_now = TrainState { current_epoch: epoch, current_step: global_step, batches_done_in_epoch: bi + 1, seed: cfg.seed };
+                    let state_now = TrainState {
+                        current_epoch: epoch,
+                        current_step: global_step,
+                        batches_done_in_epoch: bi + 1,
+                        seed: cfg.seed,
+                    };
                     self.step_hooks(global_step, epoch, state_now, observer)?;
                     if global_step >= self.plan.max_train_steps {
                         last_epoch_loss = epoch_loss_sum / epoch_loss_n as f64;
@@ -615,7 +721,12 @@ impl<'a> Run<'a> {
         // End of training (spec §11.2): state, then the final model.
         let name = cfg.output_name.clone().unwrap_or_else(|| "last".into());
         if cfg.save_state || cfg.save_state_on_train_end {
-            let state = TrainState { current_epoch: epoch, current_step: global_step, batches_done_in_epoch: 0, seed: cfg.seed };
+            let state = TrainState {
+                current_epoch: epoch,
+                current_step: global_step,
+                batches_done_in_epoch: 0,
+                seed: cfg.seed,
+            };
             let dir = cfg.output_dir.join(format!("{name}-state"));
             self.save_state(&dir, state)?;
             observer.info(&format!("saved state {}", dir.display()));
@@ -623,29 +734,55 @@ impl<'a> Run<'a> {
         let final_lora = cfg.output_dir.join(format!("{name}.safetensors"));
         self.save_lora(&final_lora, global_step, self.plan.num_epochs)?;
         observer.info(&format!("saved {}", final_lora.display()));
-        Ok(TrainSummary { steps: global_step, epochs: epoch, final_lora, last_epoch_loss, first_loss, skipped_steps })
+        Ok(TrainSummary {
+            steps: global_step,
+            epochs: epoch,
+            final_lora,
+            last_epoch_loss,
+            first_loss,
+            skipped_steps,
+        })
     }
 
     // ----- data
 
-    fn subset_caption_options(&self, dataset: usize, image: usize) -> &sd_data::caption::CaptionOptions {
+    fn subset_caption_options(
+        &self,
+        dataset: usize,
+        image: usize,
+    ) -> &sd_data::caption::CaptionOptions {
         let ds = &self.scan.datasets[dataset];
         &ds.config.subsets[ds.images[image].subset].caption
     }
 
     /// Loads and encodes (or takes from the cache) one batch; processes its captions.
-    fn prepare_batch(&mut self, plan: &EpochPlan, index: usize, epoch: u64, global_step: u64) -> Result<Batch> {
+    fn prepare_batch(
+        &mut self,
+        plan: &EpochPlan,
+        index: usize,
+        epoch: u64,
+        global_step: u64,
+    ) -> Result<Batch> {
         let pb = &plan.batches[index];
         let ds = &self.scan.datasets[pb.dataset];
         let scale = self.model.latent_scale();
         let mut captions = Vec::new();
         let mut loss_weights = Vec::new();
         let mut size_cond = Vec::new();
-        let progress = CaptionProgress { epoch: (epoch + 1) as u32, step: global_step, max_train_steps: self.plan.max_train_steps };
+        let progress = CaptionProgress {
+            epoch: (epoch + 1) as u32,
+            step: global_step,
+            max_train_steps: self.plan.max_train_steps,
+        };
         for s in &pb.samples {
             let entry = &ds.images[s.image];
             let mut rng = DataRng::new(s.seed, 1);
-            captions.push(process_caption(&entry.caption, self.subset_caption_options(pb.dataset, s.image), progress, &mut rng));
+            captions.push(process_caption(
+                &entry.caption,
+                self.subset_caption_options(pb.dataset, s.image),
+                progress,
+                &mut rng,
+            ));
             loss_weights.push(ds.loss_weight(s.image));
         }
         let latents = if self.cfg.cache_latents {
@@ -653,23 +790,34 @@ impl<'a> Run<'a> {
             for s in &pb.samples {
                 let c = &self.cache[&(pb.dataset, s.image)];
                 // flip_aug with cached latents: the sample's own RNG decides, as the image path would.
-                let flip = ds.prep_options(s.image).augment.flip_aug && DataRng::new(s.seed, 2).uniform() < 0.5;
+                let flip = ds.prep_options(s.image).augment.flip_aug
+                    && DataRng::new(s.seed, 2).uniform() < 0.5;
                 let (lat, ctl) = match (&c.flipped, flip) {
                     (Some(f), true) => (f, c.crop_top_left_flipped),
                     _ => (&c.normal, c.crop_top_left),
                 };
                 parts.push(lat.shallow_clone());
                 let (w0, h0) = c.original_size;
-                size_cond.push([f64::from(h0), f64::from(w0), f64::from(ctl.0), f64::from(ctl.1), f64::from(pb.bucket.height), f64::from(pb.bucket.width)]);
+                size_cond.push([
+                    f64::from(h0),
+                    f64::from(w0),
+                    f64::from(ctl.0),
+                    f64::from(ctl.1),
+                    f64::from(pb.bucket.height),
+                    f64::from(pb.bucket.width),
+                ]);
             }
-            Tensor::stack(&parts, 0).to_device(self.cfg.device).to_kind(Kind::Float) * scale
+            Tensor::stack(&parts, 0)
+                .to_device(self.cfg.device)
+                .to_kind(Kind::Float)
+                * scale
         } else {
             let requests: Vec<LoadRequest> = pb
                 .samples
                 .iter()
                 .map(|s| LoadRequest {
                     path: ds.images[s.image].path.clone(),
-                    assignment: ds.images[s.image].assignment.clone(),
+                    assignment: ds.images[s.image].assignment,
                     options: ds.prep_options(s.image),
                     seed: s.seed,
                 })
@@ -690,7 +838,12 @@ impl<'a> Run<'a> {
             let paths: Vec<&Path> = requests.iter().map(|r| r.path.as_path()).collect();
             self.encode_images(&images, &paths)?.to_kind(Kind::Float) * scale
         };
-        Ok(Batch { latents, captions, loss_weights, size_cond })
+        Ok(Batch {
+            latents,
+            captions,
+            loss_weights,
+            size_cond,
+        })
     }
 
     /// VAE-encodes prepared images to unscaled latents `[B, 4, h, w]` (a random sample of
@@ -702,9 +855,13 @@ impl<'a> Run<'a> {
         for (imgs, names) in images.chunks(chunk).zip(paths.chunks(chunk)) {
             let pixels: Vec<Tensor> = imgs
                 .iter()
-                .map(|i| Tensor::from_slice(&i.data).view([3, i.shape[1] as i64, i.shape[2] as i64]))
+                .map(|i| {
+                    Tensor::from_slice(&i.data).view([3, i.shape[1] as i64, i.shape[2] as i64])
+                })
                 .collect();
-            let x = Tensor::stack(&pixels, 0).to_device(self.cfg.device).to_kind(vae_kind);
+            let x = Tensor::stack(&pixels, 0)
+                .to_device(self.cfg.device)
+                .to_kind(vae_kind);
             let lat = tch::no_grad(|| {
                 let dist = self.model.vae.encode(&x);
                 let eps = dist.mean.randn_like();
@@ -714,7 +871,11 @@ impl<'a> Run<'a> {
             if !finite {
                 return Err(TrainError::Invalid(format!(
                     "the VAE produced NaN/Inf latents for {} (a half-precision VAE overflowing? try --no_half_vae)",
-                    names.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                    names
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
             out.push(lat);
@@ -735,21 +896,40 @@ impl<'a> Run<'a> {
                 opts.augment.flip_aug = false;
                 opts.augment.color_aug = false;
                 opts.augment.random_crop = false;
-                let disk = self.cfg.cache_latents_to_disk.then(|| super::latent_cache::cache_path(&entry.path, entry.size));
+                let disk = self
+                    .cfg
+                    .cache_latents_to_disk
+                    .then(|| super::latent_cache::cache_path(&entry.path, entry.size));
                 if let Some(path) = &disk
-                    && let Some(c) = super::latent_cache::read(path, entry.assignment.bucket, flip_aug)
+                    && let Some(c) =
+                        super::latent_cache::read(path, entry.assignment.bucket, flip_aug)
                 {
-                    self.cache.insert((di, ii), c.into_cached(&entry.assignment));
+                    self.cache
+                        .insert((di, ii), c.into_cached(&entry.assignment));
                     count += 1;
                     continue;
                 }
-                let req = LoadRequest { path: entry.path.clone(), assignment: entry.assignment.clone(), options: opts, seed: 0 };
+                let req = LoadRequest {
+                    path: entry.path.clone(),
+                    assignment: entry.assignment,
+                    options: opts,
+                    seed: 0,
+                };
                 let img = load_parallel(std::slice::from_ref(&req)).remove(0)?;
-                let normal = self.encode_images(std::slice::from_ref(&img), &[entry.path.as_path()])?.squeeze_dim(0).to_kind(Kind::Float).to_device(Device::Cpu);
+                let normal = self
+                    .encode_images(std::slice::from_ref(&img), &[entry.path.as_path()])?
+                    .squeeze_dim(0)
+                    .to_kind(Kind::Float)
+                    .to_device(Device::Cpu);
                 let flipped = if flip_aug {
                     let mut f = img.clone();
                     flip_chw(&mut f);
-                    Some(self.encode_images(std::slice::from_ref(&f), &[entry.path.as_path()])?.squeeze_dim(0).to_kind(Kind::Float).to_device(Device::Cpu))
+                    Some(
+                        self.encode_images(std::slice::from_ref(&f), &[entry.path.as_path()])?
+                            .squeeze_dim(0)
+                            .to_kind(Kind::Float)
+                            .to_device(Device::Cpu),
+                    )
                 } else {
                     None
                 };
@@ -762,7 +942,13 @@ impl<'a> Run<'a> {
                     crop_top_left_flipped: crop_ltrb.crop_top_left(img.bucket.width, true),
                 };
                 if let Some(path) = &disk {
-                    super::latent_cache::write(path, &cached.normal, cached.flipped.as_ref(), cached.original_size, crop_ltrb)?;
+                    super::latent_cache::write(
+                        path,
+                        &cached.normal,
+                        cached.flipped.as_ref(),
+                        cached.original_size,
+                        crop_ltrb,
+                    )?;
                 }
                 self.cache.insert((di, ii), cached);
                 count += 1;
@@ -779,13 +965,17 @@ impl<'a> Run<'a> {
         let mut ids = Vec::new();
         let mut n_chunks = 1;
         for c in captions {
-            let chunks = slot.tokenizer.tokenize_chunks(c, self.cfg.max_token_length)?;
+            let chunks = slot
+                .tokenizer
+                .tokenize_chunks(c, self.cfg.max_token_length)?;
             n_chunks = chunks.len();
             for ch in chunks {
                 ids.extend(ch);
             }
         }
-        let ids = Tensor::from_slice(&ids).view([-1, 77]).to_device(self.cfg.device);
+        let ids = Tensor::from_slice(&ids)
+            .view([-1, 77])
+            .to_device(self.cfg.device);
         let layer = match self.cfg.clip_skip {
             Some(k) if k > 1 => OutputLayer::ClipSkip(k),
             _ => OutputLayer::Last,
@@ -795,14 +985,20 @@ impl<'a> Run<'a> {
             let states = out.select(layer, &slot.model);
             join_chunks(&states, n_chunks as i64)
         };
-        Ok(if self.cfg.train_text_encoder { encode() } else { tch::no_grad(encode) })
+        Ok(if self.cfg.train_text_encoder {
+            encode()
+        } else {
+            tch::no_grad(encode)
+        })
     }
 
     /// Noise, timesteps, U-Net, loss and backward for one micro-batch; returns its loss.
     fn forward_backward(&mut self, batch: &Batch, accumulation: u64) -> Result<f64> {
         let cfg = self.cfg;
         let latents = &batch.latents;
-        let (b, c, _, _) = latents.size4().map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let (b, c, _, _) = latents
+            .size4()
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
         let device = latents.device();
         // 1. noise (spec §6.2)
         let mut noise = latents.randn_like();
@@ -813,13 +1009,22 @@ impl<'a> Run<'a> {
             }
             let per = Tensor::randn([b, c, 1, 1], (Kind::Float, device));
             let scale = match cfg.adaptive_noise_scale {
-                Some(a) => (latents.mean_dim([2i64, 3].as_slice(), true, Kind::Float).abs() * a + offset).clamp_min(0.0),
+                Some(a) => (latents
+                    .mean_dim([2i64, 3].as_slice(), true, Kind::Float)
+                    .abs()
+                    * a
+                    + offset)
+                    .clamp_min(0.0),
                 None => Tensor::full([1], offset, (Kind::Float, device)),
             };
-            noise = noise + per * scale;
+            noise += per * scale;
         }
         if cfg.multires_noise_iterations > 0 {
-            noise = multires_noise(&noise, cfg.multires_noise_iterations, cfg.multires_noise_discount);
+            noise = multires_noise(
+                &noise,
+                cfg.multires_noise_iterations,
+                cfg.multires_noise_discount,
+            );
         }
         // 2. timesteps
         let (min_t, max_t) = (cfg.min_timestep, cfg.max_timestep);
@@ -830,7 +1035,11 @@ impl<'a> Run<'a> {
         };
         let input_noise = match cfg.ip_noise_gamma {
             Some(gamma) => {
-                let gamma = if cfg.ip_noise_gamma_random_strength { Tensor::rand([1], (Kind::Float, Device::Cpu)).double_value(&[0]) * gamma } else { gamma };
+                let gamma = if cfg.ip_noise_gamma_random_strength {
+                    Tensor::rand([1], (Kind::Float, Device::Cpu)).double_value(&[0]) * gamma
+                } else {
+                    gamma
+                };
                 &noise + latents.randn_like() * gamma
             }
             None => noise.shallow_clone(),
@@ -840,15 +1049,32 @@ impl<'a> Run<'a> {
         let context = self.text_conditioning(&batch.captions)?;
         let unet_kind = self.model.unet_vs.kind();
         let added = (self.model.family == ModelFamily::Sdxl).then(|| {
-            let ids: Vec<f32> = batch.size_cond.iter().flat_map(|s| s.iter().map(|&v| v as f32)).collect();
+            let ids: Vec<f32> = batch
+                .size_cond
+                .iter()
+                .flat_map(|s| s.iter().map(|&v| v as f32))
+                .collect();
             TextTimeCondition {
                 text_embeds: Tensor::zeros([b, 1280], (unet_kind, device)),
                 time_ids: Tensor::from_slice(&ids).view([b, 6]).to_device(device),
             }
         });
-        let pred = self.model.unet.forward(&noisy.to_kind(unet_kind), &timesteps, &context.to_kind(unet_kind), added.as_ref()).to_kind(Kind::Float);
+        let pred = self
+            .model
+            .unet
+            .forward(
+                &noisy.to_kind(unet_kind),
+                &timesteps,
+                &context.to_kind(unet_kind),
+                added.as_ref(),
+            )
+            .to_kind(Kind::Float);
         // 4. target
-        let prediction = if cfg.v_parameterization { PredictionType::VPrediction } else { PredictionType::Epsilon };
+        let prediction = if cfg.v_parameterization {
+            PredictionType::VPrediction
+        } else {
+            PredictionType::Epsilon
+        };
         let target = match prediction {
             PredictionType::Epsilon => noise.shallow_clone(),
             PredictionType::VPrediction => self.noise.velocity(latents, &noise, &timesteps),
@@ -861,40 +1087,51 @@ impl<'a> Run<'a> {
                 let c = self.huber_c(&timesteps).view([b, 1, 1, 1]);
                 let d2 = (&pred - &target).square();
                 let core = (d2 + c.square()).sqrt() - &c;
-                if cfg.loss_type == LossType::Huber { core * c * 2.0 } else { core * 2.0 }
+                if cfg.loss_type == LossType::Huber {
+                    core * c * 2.0
+                } else {
+                    core * 2.0
+                }
             }
         };
         let mut per_sample = elementwise.mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float);
-        let weights = Tensor::from_slice(&batch.loss_weights).to_kind(Kind::Float).to_device(device);
-        per_sample = per_sample * weights;
-        let snr = self.noise.snr().to_device(device).index_select(0, &timesteps).to_kind(Kind::Float);
+        let weights = Tensor::from_slice(&batch.loss_weights)
+            .to_kind(Kind::Float)
+            .to_device(device);
+        per_sample *= weights;
+        let snr = self
+            .noise
+            .snr()
+            .to_device(device)
+            .index_select(0, &timesteps)
+            .to_kind(Kind::Float);
         if let Some(gamma) = cfg.min_snr_gamma {
             let min = snr.clamp_max(gamma);
-            per_sample = per_sample
-                * match prediction {
-                    PredictionType::Epsilon => &min / &snr,
-                    PredictionType::VPrediction => &min / (&snr + 1.0),
-                };
+            per_sample *= match prediction {
+                PredictionType::Epsilon => &min / &snr,
+                PredictionType::VPrediction => &min / (&snr + 1.0),
+            };
         }
         let s = snr.clamp_max(1000.0);
         if cfg.scale_v_pred_loss_like_noise_pred {
-            per_sample = per_sample * (&s / (&s + 1.0));
+            per_sample *= &s / (&s + 1.0);
         }
         if let Some(w) = cfg.v_pred_like_loss {
             let scale = &s / (&s + 1.0);
             per_sample = &per_sample + &per_sample / scale * w;
         }
         if cfg.debiased_estimation_loss {
-            per_sample = per_sample
-                * match prediction {
-                    PredictionType::Epsilon => s.rsqrt(),
-                    PredictionType::VPrediction => (s + 1.0).reciprocal(),
-                };
+            per_sample *= match prediction {
+                PredictionType::Epsilon => s.rsqrt(),
+                PredictionType::VPrediction => (s + 1.0).reciprocal(),
+            };
         }
         let loss = per_sample.mean(Kind::Float);
         let value = loss.double_value(&[]);
         if !value.is_finite() {
-            return Err(TrainError::Invalid(format!("the loss became {value} (diverged); lower the learning rate or use --max_grad_norm")));
+            return Err(TrainError::Invalid(format!(
+                "the loss became {value} (diverged); lower the learning rate or use --max_grad_norm"
+            )));
         }
         // 6. backward on loss / G
         let scaled = &loss / accumulation as f64;
@@ -908,13 +1145,22 @@ impl<'a> Run<'a> {
     fn huber_c(&self, timesteps: &Tensor) -> Tensor {
         let cfg = self.cfg;
         match cfg.huber_schedule {
-            HuberSchedule::Constant => Tensor::full(timesteps.size(), cfg.huber_c * cfg.huber_scale, (Kind::Float, timesteps.device())),
+            HuberSchedule::Constant => Tensor::full(
+                timesteps.size(),
+                cfg.huber_c * cfg.huber_scale,
+                (Kind::Float, timesteps.device()),
+            ),
             HuberSchedule::Exponential => {
                 let alpha = -cfg.huber_c.ln() / 1000.0;
                 (timesteps.to_kind(Kind::Float) * -alpha).exp() * cfg.huber_scale
             }
             HuberSchedule::Snr => {
-                let ac = self.noise.alphas_cumprod().to_device(timesteps.device()).index_select(0, timesteps).to_kind(Kind::Float);
+                let ac = self
+                    .noise
+                    .alphas_cumprod()
+                    .to_device(timesteps.device())
+                    .index_select(0, timesteps)
+                    .to_kind(Kind::Float);
                 let sigma = ((ac.ones_like() - &ac) / &ac).sqrt();
                 (sigma + 1.0).square().reciprocal() * (1.0 - cfg.huber_c) + cfg.huber_c
             }
@@ -924,7 +1170,12 @@ impl<'a> Run<'a> {
     /// Clip, optimiser step, scheduler step, zero grads (spec §6.7). Returns whether the step
     /// was skipped for non-finite fp16 gradients.
     fn optimizer_step(&mut self) -> Result<bool> {
-        let params: Vec<Tensor> = self.optimizer.groups().iter().flat_map(|g| g.params.iter().map(Tensor::shallow_clone)).collect();
+        let params: Vec<Tensor> = self
+            .optimizer
+            .groups()
+            .iter()
+            .flat_map(|g| g.params.iter().map(Tensor::shallow_clone))
+            .collect();
         let found_inf = match &mut self.scaler {
             Some(s) => s.unscale(params.iter()),
             None => false,
@@ -946,13 +1197,21 @@ impl<'a> Run<'a> {
 
     // ----- hooks, saving, state
 
-    fn step_hooks(&mut self, step: u64, epoch: u64, state: TrainState, observer: &mut dyn TrainObserver) -> Result<()> {
+    fn step_hooks(
+        &mut self,
+        step: u64,
+        epoch: u64,
+        state: TrainState,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<()> {
         let cfg = self.cfg;
         if let Some(n) = cfg.save_every_n_steps.filter(|&n| n > 0)
-            && step % n == 0
+            && step.is_multiple_of(n)
         {
             let name = cfg.output_name.clone().unwrap_or_else(|| "at".into());
-            let path = cfg.output_dir.join(format!("{name}-step{step:08}.safetensors"));
+            let path = cfg
+                .output_dir
+                .join(format!("{name}-step{step:08}.safetensors"));
             self.save_lora(&path, step, epoch)?;
             observer.info(&format!("saved {}", path.display()));
             if cfg.save_state {
@@ -963,10 +1222,14 @@ impl<'a> Run<'a> {
                 let rm = step as i64 - k as i64 - 1;
                 let rm = rm - rm.rem_euclid(n as i64);
                 if rm >= 0 {
-                    let old = cfg.output_dir.join(format!("{name}-step{rm:08}.safetensors"));
+                    let old = cfg
+                        .output_dir
+                        .join(format!("{name}-step{rm:08}.safetensors"));
                     let _ = std::fs::remove_file(old);
                     if rm > 0 {
-                        let _ = std::fs::remove_dir_all(cfg.output_dir.join(format!("{name}-step{rm:08}-state")));
+                        let _ = std::fs::remove_dir_all(
+                            cfg.output_dir.join(format!("{name}-step{rm:08}-state")),
+                        );
                     }
                 }
             }
@@ -977,48 +1240,102 @@ impl<'a> Run<'a> {
     fn epoch_end(&mut self, epoch: u64, step: u64, observer: &mut dyn TrainObserver) -> Result<()> {
         let cfg = self.cfg;
         if let Some(n) = cfg.save_every_n_epochs.filter(|&n| n > 0)
-            && epoch % n == 0
+            && epoch.is_multiple_of(n)
             && epoch < self.plan.num_epochs
         {
             let name = cfg.output_name.clone().unwrap_or_else(|| "epoch".into());
-            let path = cfg.output_dir.join(format!("{name}-{epoch:06}.safetensors"));
+            let path = cfg
+                .output_dir
+                .join(format!("{name}-{epoch:06}.safetensors"));
             self.save_lora(&path, step, epoch)?;
             observer.info(&format!("saved {}", path.display()));
             if cfg.save_state {
-                let state = TrainState { current_epoch: epoch, current_step: step, batches_done_in_epoch: 0, seed: cfg.seed };
-                self.save_state(&cfg.output_dir.join(format!("{name}-{epoch:06}-state")), state)?;
+                let state = TrainState {
+                    current_epoch: epoch,
+                    current_step: step,
+                    batches_done_in_epoch: 0,
+                    seed: cfg.seed,
+                };
+                self.save_state(
+                    &cfg.output_dir.join(format!("{name}-{epoch:06}-state")),
+                    state,
+                )?;
             }
             if let Some(k) = cfg.save_last_n_epochs {
                 let old = epoch as i64 - (n * k) as i64;
                 if old > 0 {
-                    let _ = std::fs::remove_file(cfg.output_dir.join(format!("{name}-{old:06}.safetensors")));
-                    let _ = std::fs::remove_dir_all(cfg.output_dir.join(format!("{name}-{old:06}-state")));
+                    let _ = std::fs::remove_file(
+                        cfg.output_dir.join(format!("{name}-{old:06}.safetensors")),
+                    );
+                    let _ = std::fs::remove_dir_all(
+                        cfg.output_dir.join(format!("{name}-{old:06}-state")),
+                    );
                 }
             }
         }
         Ok(())
     }
 
-    fn save_interrupted(&mut self, step: u64, epoch: u64, batches_done: u64, at_sync: bool) -> Result<TrainError> {
+    fn save_interrupted(
+        &mut self,
+        step: u64,
+        epoch: u64,
+        batches_done: u64,
+        at_sync: bool,
+    ) -> Result<TrainError> {
         // Gradients of an unfinished accumulation group are discarded: the state resumes at
         // the group's first micro-batch.
         let g = self.cfg.gradient_accumulation_steps.max(1);
-        let batches_done = if at_sync { batches_done } else { batches_done - (batches_done % g).max(1).min(batches_done) };
+        let batches_done = if at_sync {
+            batches_done
+        } else {
+            batches_done - (batches_done % g).max(1).min(batches_done)
+        };
         self.optimizer.zero_grad();
-        let name = self.cfg.output_name.clone().unwrap_or_else(|| "last".into());
-        let lora = self.cfg.output_dir.join(format!("{name}-interrupted.safetensors"));
+        let name = self
+            .cfg
+            .output_name
+            .clone()
+            .unwrap_or_else(|| "last".into());
+        let lora = self
+            .cfg
+            .output_dir
+            .join(format!("{name}-interrupted.safetensors"));
         self.save_lora(&lora, step, epoch + 1)?;
-        let state_dir = self.cfg.output_dir.join(format!("{name}-interrupted-state"));
-        self.save_state(&state_dir, TrainState { current_epoch: epoch, current_step: step, batches_done_in_epoch: batches_done, seed: self.cfg.seed })?;
-        Ok(TrainError::Interrupted { step, lora, state: state_dir })
+        let state_dir = self
+            .cfg
+            .output_dir
+            .join(format!("{name}-interrupted-state"));
+        self.save_state(
+            &state_dir,
+            TrainState {
+                current_epoch: epoch,
+                current_step: step,
+                batches_done_in_epoch: batches_done,
+                seed: self.cfg.seed,
+            },
+        )?;
+        Ok(TrainError::Interrupted {
+            step,
+            lora,
+            state: state_dir,
+        })
     }
 
     fn metadata(&self, step: u64, epoch: u64) -> BTreeMap<String, String> {
         let cfg = self.cfg;
         let family = self.model.family;
         let mut m = BTreeMap::new();
-        let dim = if cfg.network_dim_given { PyValue::Int(cfg.network.network_dim as i64) } else { PyValue::None };
-        let alpha = if cfg.network_alpha_given { PyValue::Float(f64::from(cfg.network.network_alpha)) } else { PyValue::Int(cfg.network.network_alpha as i64) };
+        let dim = if cfg.network_dim_given {
+            PyValue::Int(cfg.network.network_dim as i64)
+        } else {
+            PyValue::None
+        };
+        let alpha = if cfg.network_alpha_given {
+            PyValue::Float(f64::from(cfg.network.network_alpha))
+        } else {
+            PyValue::Int(cfg.network.network_alpha as i64)
+        };
         let mut put = |k: &str, v: String| {
             m.insert(k.to_owned(), v);
         };
@@ -1026,11 +1343,21 @@ impl<'a> Run<'a> {
         put("ss_network_dim", dim.py_str());
         put("ss_network_alpha", alpha.py_str());
         put("ss_v2", PyValue::Bool(family == ModelFamily::Sd2).py_str());
-        put("ss_base_model_version", sd_formats::metadata::base_model_version(family, cfg.v_parameterization).into());
+        put(
+            "ss_base_model_version",
+            sd_formats::metadata::base_model_version(family, cfg.v_parameterization).into(),
+        );
         if !cfg.network_args.is_empty() {
-            let mut args: Vec<(PyValue, PyValue)> = cfg.network_args.iter().map(|(k, v)| (PyValue::Str(k.clone()), PyValue::Str(v.clone()))).collect();
+            let mut args: Vec<(PyValue, PyValue)> = cfg
+                .network_args
+                .iter()
+                .map(|(k, v)| (PyValue::Str(k.clone()), PyValue::Str(v.clone())))
+                .collect();
             if !cfg.network_args.iter().any(|(k, _)| k == "dropout") {
-                args.push((PyValue::Str("dropout".into()), cfg.dropouts.dropout.map_or(PyValue::None, PyValue::Float)));
+                args.push((
+                    PyValue::Str("dropout".into()),
+                    cfg.dropouts.dropout.map_or(PyValue::None, PyValue::Float),
+                ));
             }
             put("ss_network_args", PyValue::Dict(args).json_dumps());
         }
@@ -1040,51 +1367,119 @@ impl<'a> Run<'a> {
         let f = |x: f64| py_float_repr(x);
         let opt_f = |x: Option<f64>| x.map_or_else(|| "None".to_owned(), py_float_repr);
         let b = |x: bool| PyValue::Bool(x).py_str();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         let images: u64 = self.scan.datasets.iter().map(|d| d.num_train_images).sum();
         let reg: u64 = self.scan.datasets.iter().map(|d| d.num_reg_images).sum();
         put("ss_session_id", self.session_id.to_string());
         put("ss_training_started_at", f(self.started_at));
         put("ss_training_finished_at", f(now));
-        put("ss_output_name", cfg.output_name.clone().unwrap_or_else(|| "None".into()));
+        put(
+            "ss_output_name",
+            cfg.output_name.clone().unwrap_or_else(|| "None".into()),
+        );
         put("ss_learning_rate", f(cfg.learning_rate));
         put("ss_text_encoder_lr", opt_f(cfg.text_encoder_lr));
         put("ss_unet_lr", opt_f(cfg.unet_lr));
         put("ss_num_train_images", images.to_string());
         put("ss_num_validation_images", "0".into());
         put("ss_num_reg_images", reg.to_string());
-        put("ss_num_batches_per_epoch", self.plan.batches_per_epoch.to_string());
+        put(
+            "ss_num_batches_per_epoch",
+            self.plan.batches_per_epoch.to_string(),
+        );
         put("ss_num_epochs", self.plan.num_epochs.to_string());
         put("ss_gradient_checkpointing", b(false));
-        put("ss_gradient_accumulation_steps", cfg.gradient_accumulation_steps.to_string());
+        put(
+            "ss_gradient_accumulation_steps",
+            cfg.gradient_accumulation_steps.to_string(),
+        );
         put("ss_max_train_steps", self.plan.max_train_steps.to_string());
-        put("ss_lr_warmup_steps", self.scheduler.warmup_steps().to_string());
+        put(
+            "ss_lr_warmup_steps",
+            self.scheduler.warmup_steps().to_string(),
+        );
         put("ss_lr_scheduler", cfg.scheduler.kind.to_string());
         put("ss_network_dropout", opt_f(cfg.dropouts.dropout));
         put("ss_mixed_precision", cfg.mixed_precision.name().into());
         put("ss_full_fp16", b(false));
-        put("ss_clip_skip", cfg.clip_skip.map_or_else(|| "None".into(), |c| c.to_string()));
-        put("ss_max_token_length", cfg.max_token_length.map_or_else(|| "None".into(), |c| c.to_string()));
+        put(
+            "ss_clip_skip",
+            cfg.clip_skip
+                .map_or_else(|| "None".into(), |c| c.to_string()),
+        );
+        put(
+            "ss_max_token_length",
+            cfg.max_token_length
+                .map_or_else(|| "None".into(), |c| c.to_string()),
+        );
         put("ss_cache_latents", b(cfg.cache_latents));
         put("ss_seed", cfg.seed.to_string());
         put("ss_lowram", b(false));
-        put("ss_noise_offset", if cfg.noise_offset > 0.0 { f(cfg.noise_offset) } else { "None".into() });
-        put("ss_multires_noise_iterations", if cfg.multires_noise_iterations > 0 { cfg.multires_noise_iterations.to_string() } else { "None".into() });
+        put(
+            "ss_noise_offset",
+            if cfg.noise_offset > 0.0 {
+                f(cfg.noise_offset)
+            } else {
+                "None".into()
+            },
+        );
+        put(
+            "ss_multires_noise_iterations",
+            if cfg.multires_noise_iterations > 0 {
+                cfg.multires_noise_iterations.to_string()
+            } else {
+                "None".into()
+            },
+        );
         put("ss_multires_noise_discount", f(cfg.multires_noise_discount));
         put("ss_adaptive_noise_scale", opt_f(cfg.adaptive_noise_scale));
         put("ss_zero_terminal_snr", b(cfg.zero_terminal_snr));
-        put("ss_training_comment", cfg.training_comment.clone().unwrap_or_else(|| "None".into()));
-        put("ss_sd_scripts_commit_hash", sd_formats::metadata::implementation_version());
+        put(
+            "ss_training_comment",
+            cfg.training_comment
+                .clone()
+                .unwrap_or_else(|| "None".into()),
+        );
+        put(
+            "ss_sd_scripts_commit_hash",
+            sd_formats::metadata::implementation_version(),
+        );
         put("ss_optimizer", self.optimizer.metadata_name());
         put("ss_max_grad_norm", f(cfg.max_grad_norm));
         put("ss_min_snr_gamma", opt_f(cfg.min_snr_gamma));
         put("ss_scale_weight_norms", "None".into());
         put("ss_ip_noise_gamma", opt_f(cfg.ip_noise_gamma));
         put("ss_debiased_estimation", b(cfg.debiased_estimation_loss));
-        put("ss_noise_offset_random_strength", b(cfg.noise_offset_random_strength));
-        put("ss_ip_noise_gamma_random_strength", b(cfg.ip_noise_gamma_random_strength));
-        put("ss_loss_type", match cfg.loss_type { LossType::L2 => "l2", LossType::L1 => "l1", LossType::Huber => "huber", LossType::SmoothL1 => "smooth_l1" }.into());
-        put("ss_huber_schedule", match cfg.huber_schedule { HuberSchedule::Constant => "constant", HuberSchedule::Exponential => "exponential", HuberSchedule::Snr => "snr" }.into());
+        put(
+            "ss_noise_offset_random_strength",
+            b(cfg.noise_offset_random_strength),
+        );
+        put(
+            "ss_ip_noise_gamma_random_strength",
+            b(cfg.ip_noise_gamma_random_strength),
+        );
+        put(
+            "ss_loss_type",
+            match cfg.loss_type {
+                LossType::L2 => "l2",
+                LossType::L1 => "l1",
+                LossType::Huber => "huber",
+                LossType::SmoothL1 => "smooth_l1",
+            }
+            .into(),
+        );
+        put(
+            "ss_huber_schedule",
+            match cfg.huber_schedule {
+                HuberSchedule::Constant => "constant",
+                HuberSchedule::Exponential => "exponential",
+                HuberSchedule::Snr => "snr",
+            }
+            .into(),
+        );
         put("ss_huber_scale", f(cfg.huber_scale));
         put("ss_huber_c", f(cfg.huber_c));
         put("ss_fp8_base", b(false));
@@ -1092,7 +1487,12 @@ impl<'a> Run<'a> {
         put("ss_steps", step.to_string());
         put("ss_epoch", epoch.to_string());
         if cfg.model.exists() {
-            put("ss_sd_model_name", cfg.model.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()));
+            put(
+                "ss_sd_model_name",
+                cfg.model
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            );
             if cfg.model.is_file()
                 && let Ok((legacy, full)) = sd_formats::hashes::file_hashes(&cfg.model)
             {
@@ -1109,14 +1509,30 @@ impl<'a> Run<'a> {
     fn save_lora(&self, path: &Path, step: u64, epoch: u64) -> Result<()> {
         let cfg = self.cfg;
         let weights = self.network.to_weights();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-        let title = cfg.metadata_extra.get("title").cloned().or_else(|| cfg.output_name.clone()).unwrap_or_else(|| format!("LoRA@{}", py_float_repr(self.started_at)));
-        let mut extra: BTreeMap<String, String> = cfg.metadata_extra.iter().filter(|(k, _)| k.as_str() != "title").map(|(k, v)| (k.clone(), v.clone())).collect();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let title = cfg
+            .metadata_extra
+            .get("title")
+            .cloned()
+            .or_else(|| cfg.output_name.clone())
+            .unwrap_or_else(|| format!("LoRA@{}", py_float_repr(self.started_at)));
+        let mut extra: BTreeMap<String, String> = cfg
+            .metadata_extra
+            .iter()
+            .filter(|(k, _)| k.as_str() != "title")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         if let Some(c) = cfg.clip_skip {
             extra.insert("encoder_layer".into(), c.to_string());
         }
         if cfg.min_timestep != 0 || cfg.max_timestep != 1000 {
-            extra.insert("timestep_range".into(), format!("{},{}", cfg.min_timestep, cfg.max_timestep));
+            extra.insert(
+                "timestep_range".into(),
+                format!("{},{}", cfg.min_timestep, cfg.max_timestep),
+            );
         }
         let opts = SaveOptions {
             dtype: cfg.save_precision,
@@ -1140,16 +1556,37 @@ impl<'a> Run<'a> {
         // Written into a temporary sibling folder, then renamed: an interrupted save never
         // leaves a partial state under the final name.
         let parent = dir.parent().unwrap_or(Path::new("."));
-        let tmp = tempfile::Builder::new().prefix(".state-").tempdir_in(parent).map_err(io_err(parent))?;
-        self.network.to_weights().save(tmp.path().join("network.safetensors"), &SaveOptions::default())?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".state-")
+            .tempdir_in(parent)
+            .map_err(io_err(parent))?;
+        self.network.to_weights().save(
+            tmp.path().join("network.safetensors"),
+            &SaveOptions::default(),
+        )?;
         let mut named: Vec<(String, Tensor)> = Vec::new();
-        named.extend(self.optimizer.state_tensors().into_iter().map(|(k, t)| (format!("optimizer.{k}"), t)));
-        named.extend(self.scheduler.state_tensors().into_iter().map(|(k, t)| (format!("scheduler.{k}"), t)));
+        named.extend(
+            self.optimizer
+                .state_tensors()
+                .into_iter()
+                .map(|(k, t)| (format!("optimizer.{k}"), t)),
+        );
+        named.extend(
+            self.scheduler
+                .state_tensors()
+                .into_iter()
+                .map(|(k, t)| (format!("scheduler.{k}"), t)),
+        );
         if let Some(s) = &self.scaler {
-            named.extend(s.state_tensors().into_iter().map(|(k, t)| (format!("scaler.{k}"), t)));
+            named.extend(
+                s.state_tensors()
+                    .into_iter()
+                    .map(|(k, t)| (format!("scaler.{k}"), t)),
+            );
         }
         super::state_file::write(&tmp.path().join("optimizer.safetensors"), &named)?;
-        let json = serde_json::to_string_pretty(&state).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let json =
+            serde_json::to_string_pretty(&state).map_err(|e| TrainError::Invalid(e.to_string()))?;
         let state_path = tmp.path().join("train_state.json");
         std::fs::write(&state_path, json).map_err(io_err(&state_path))?;
         if dir.exists() {
@@ -1163,7 +1600,8 @@ impl<'a> Run<'a> {
     fn load_state(&mut self, dir: &Path) -> Result<TrainState> {
         let state_path = dir.join("train_state.json");
         let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
-        let state: TrainState = serde_json::from_str(&text).map_err(|e| TrainError::Invalid(format!("{}: {e}", state_path.display())))?;
+        let state: TrainState = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Invalid(format!("{}: {e}", state_path.display())))?;
         if state.seed != self.cfg.seed {
             return Err(TrainError::Invalid(format!(
                 "{}: the state was saved by a run with --seed {}, this run has --seed {}: use the same seed to resume",
@@ -1183,7 +1621,13 @@ impl<'a> Run<'a> {
         }
         let named = super::state_file::read(&dir.join("optimizer.safetensors"), self.cfg.device)?;
         let part = |prefix: &str| -> Vec<(String, Tensor)> {
-            named.iter().filter_map(|(k, t)| k.strip_prefix(prefix).map(|k| (k.to_owned(), t.shallow_clone()))).collect()
+            named
+                .iter()
+                .filter_map(|(k, t)| {
+                    k.strip_prefix(prefix)
+                        .map(|k| (k.to_owned(), t.shallow_clone()))
+                })
+                .collect()
         };
         self.optimizer.load_state_tensors(&part("optimizer."))?;
         self.scheduler.load_state_tensors(&part("scheduler."))?;
@@ -1223,7 +1667,7 @@ fn multires_noise(noise: &Tensor, iterations: u32, discount: f64) -> Tensor {
         let hp = ((h as f64 / r.powi(i as i32)) as i64).max(1);
         let wp = ((w as f64 / r.powi(i as i32)) as i64).max(1);
         let small = Tensor::randn([b, c, hp, wp], (Kind::Float, noise.device()));
-        out = out + small.upsample_bilinear2d([h, w], false, None, None) * discount.powi(i as i32);
+        out += small.upsample_bilinear2d([h, w], false, None, None) * discount.powi(i as i32);
         if hp == 1 || wp == 1 {
             break;
         }
