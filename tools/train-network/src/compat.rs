@@ -217,13 +217,13 @@ pub const OPTIONS: &[Compat] = &[
     ),
     c(
         "cache_text_encoder_outputs",
-        Unsupported,
-        "SDXL training is not implemented yet (issue 8)",
+        Implemented,
+        "SDXL with --network_train_unet_only; the raw caption is encoded once per image",
     ),
     c(
         "cache_text_encoder_outputs_to_disk",
-        Unsupported,
-        "SDXL training is not implemented yet (issue 8)",
+        Implemented,
+        "implies --cache_text_encoder_outputs; <image>_te_outputs.npz, sizes checked",
     ),
     // Network
     c(
@@ -508,29 +508,13 @@ pub const OPTIONS: &[Compat] = &[
     // Sampling
     c(
         "sample_prompts",
-        Unsupported,
-        "sampling during training is not wired yet; run gen-img on the saved files",
+        Implemented,
+        ".txt, .toml or .json; checked when training starts; images in <output_dir>/sample",
     ),
-    c(
-        "sample_every_n_steps",
-        Unsupported,
-        "sampling during training is not wired yet",
-    ),
-    c(
-        "sample_every_n_epochs",
-        Unsupported,
-        "sampling during training is not wired yet",
-    ),
-    c(
-        "sample_at_first",
-        Unsupported,
-        "sampling during training is not wired yet",
-    ),
-    c(
-        "sample_sampler",
-        Unsupported,
-        "sampling during training is not wired yet",
-    ),
+    c("sample_every_n_steps", Implemented, ""),
+    c("sample_every_n_epochs", Implemented, ""),
+    c("sample_at_first", Implemented, ""),
+    c("sample_sampler", Implemented, ""),
     // Logging
     c(
         "logging_dir",

@@ -74,6 +74,38 @@ pub fn run(
         return Ok(ExitCode::SUCCESS);
     }
     let cfg = train_config(options, &scan)?;
+    // The prompt file is checked now, not at the first sample (spec training.md §12.1).
+    let sampling = match &options.sampling.sample_prompts {
+        Some(path) => {
+            let prompts = sd_core::generate::read_sample_prompts(path)
+                .with_context(|| format!("--sample_prompts {}", path.display()))?;
+            let sampler: sd_core::generate::SamplerKind = options
+                .sampling
+                .sampler
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--sample_sampler: {e}"))?;
+            tracing::info!("{} sample prompt(s) from {}", prompts.len(), path.display());
+            Some(Sampling {
+                prompts,
+                sampler,
+                out_dir: options.output.output_dir.join("sample"),
+                output_name: options.output.output_name.clone(),
+                clip_skip: cfg.clip_skip,
+                zero_terminal_snr: cfg.zero_terminal_snr,
+            })
+        }
+        None => {
+            if cfg.sample_at_first
+                || cfg.sample_every_n_steps.is_some()
+                || cfg.sample_every_n_epochs.is_some()
+            {
+                tracing::warn!(
+                    "sampling cadence given without --sample_prompts: no samples are made"
+                );
+            }
+            None
+        }
+    };
     let interrupt = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupt.clone();
@@ -87,6 +119,7 @@ pub fn run(
     let mut observer = Progress {
         bar: None,
         verbosity: verbosity.clone(),
+        sampling,
     };
     match trainer::train(&cfg, &scan, &mut observer, interrupt) {
         Ok(summary) => {
@@ -126,10 +159,21 @@ pub fn run(
     }
 }
 
-/// Progress bar and log lines for a run.
+/// Progress bar, log lines and sample images for a run.
 struct Progress {
     bar: Option<ProgressBar>,
     verbosity: sd_cli::Verbosity,
+    sampling: Option<Sampling>,
+}
+
+/// What `--sample_prompts` asks for.
+struct Sampling {
+    prompts: Vec<sd_core::generate::SamplePrompt>,
+    sampler: sd_core::generate::SamplerKind,
+    out_dir: std::path::PathBuf,
+    output_name: Option<String>,
+    clip_skip: Option<usize>,
+    zero_terminal_snr: bool,
 }
 
 impl TrainObserver for Progress {
@@ -157,6 +201,38 @@ impl TrainObserver for Progress {
                 r.avg_loss,
                 lr
             ),
+        }
+    }
+
+    fn sample(
+        &mut self,
+        model: &sd_core::loader::StableDiffusion,
+        step: u64,
+        epoch_end: Option<u64>,
+    ) {
+        let Some(s) = &self.sampling else { return };
+        let opts = sd_core::generate::SampleOptions {
+            sampler: s.sampler,
+            out_dir: &s.out_dir,
+            output_name: s.output_name.as_deref(),
+            epoch: epoch_end.map(|e| e as usize),
+            step: step as usize,
+            clip_skip: s.clip_skip,
+            zero_terminal_snr: s.zero_terminal_snr,
+        };
+        let result = sd_core::generate::sample_images(model, &s.prompts, &opts);
+        let report = |m: String| match &self.bar {
+            Some(bar) => bar.suspend(|| tracing::info!("{m}")),
+            None => tracing::info!("{m}"),
+        };
+        match result {
+            Ok(files) => report(format!(
+                "wrote {} sample image(s) to {}",
+                files.len(),
+                s.out_dir.display()
+            )),
+            // A failed sample must not end hours of training: warn and go on.
+            Err(e) => report(format!("sampling failed (training continues): {e}")),
         }
     }
 
@@ -267,6 +343,7 @@ fn train_config(o: &TrainOptions, scan: &DatasetScan) -> anyhow::Result<TrainCon
         model_config_dir: None,
         v2: o.model.family == options::Family::Sd2,
         v_parameterization: o.model.v_parameterization,
+        sdxl: o.model.family == options::Family::Sdxl,
         device: tch::Device::cuda_if_available(),
         mixed_precision: match opt.mixed_precision {
             options::MixedPrecision::No => MixedPrecision::No,
@@ -347,6 +424,8 @@ fn train_config(o: &TrainOptions, scan: &DatasetScan) -> anyhow::Result<TrainCon
         cache_latents: o.dataset.cache_latents,
         cache_latents_to_disk: o.dataset.cache_latents_to_disk,
         vae_batch_size: o.dataset.vae_batch_size.max(1) as usize,
+        cache_text_encoder_outputs: o.dataset.cache_text_encoder_outputs,
+        cache_text_encoder_outputs_to_disk: o.dataset.cache_text_encoder_outputs_to_disk,
         output_dir: o.output.output_dir.clone(),
         output_name: o.output.output_name.clone(),
         save_precision: o.output.save_precision.map(dtype_of),
@@ -363,6 +442,9 @@ fn train_config(o: &TrainOptions, scan: &DatasetScan) -> anyhow::Result<TrainCon
         logging_dir: o.logging.logging_dir.clone(),
         dataset_metadata: dataset_metadata(o, scan),
         resolution,
+        sample_every_n_steps: o.sampling.every_n_steps,
+        sample_every_n_epochs: o.sampling.every_n_epochs,
+        sample_at_first: o.sampling.at_first,
     })
 }
 

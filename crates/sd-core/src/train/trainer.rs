@@ -39,7 +39,6 @@ use crate::lora::{
     ComponentLayers, Dropouts, LoraNetwork, LoraWeights, NetworkOptions, SaveOptions,
 };
 use crate::models::text_encoder::{OutputLayer, join_chunks};
-use crate::models::unet::TextTimeCondition;
 use crate::schedule::{NoiseSchedule, PredictionType};
 
 /// Errors of a training run.
@@ -160,6 +159,9 @@ pub struct TrainConfig {
     pub v2: bool,
     /// `--v_parameterization`.
     pub v_parameterization: bool,
+    /// `--sdxl`: the user declares an SDXL model (checked against the checkpoint, whose
+    /// family decides).
+    pub sdxl: bool,
     /// Device.
     pub device: Device,
     /// `--mixed_precision`.
@@ -255,6 +257,10 @@ pub struct TrainConfig {
     pub cache_latents_to_disk: bool,
     /// `--vae_batch_size`.
     pub vae_batch_size: usize,
+    /// `--cache_text_encoder_outputs` (SDXL, text encoders not trained; spec §4.5).
+    pub cache_text_encoder_outputs: bool,
+    /// `--cache_text_encoder_outputs_to_disk` (`<image>_te_outputs.npz`).
+    pub cache_text_encoder_outputs_to_disk: bool,
     // --- output
     /// `--output_dir`.
     pub output_dir: PathBuf,
@@ -288,6 +294,12 @@ pub struct TrainConfig {
     pub dataset_metadata: BTreeMap<String, String>,
     /// Training resolution (W, H) for `modelspec.resolution`.
     pub resolution: Option<(u32, u32)>,
+    /// `--sample_every_n_steps` (ignored when `sample_every_n_epochs` is set).
+    pub sample_every_n_steps: Option<u64>,
+    /// `--sample_every_n_epochs`.
+    pub sample_every_n_epochs: Option<u64>,
+    /// `--sample_at_first`: samples before the first step.
+    pub sample_at_first: bool,
 }
 
 /// What a run reports to its caller while it goes (progress bar, logging).
@@ -298,8 +310,10 @@ pub trait TrainObserver {
     fn step(&mut self, _report: &StepReport) {}
     /// A line of information (a stage, a saved file).
     fn info(&mut self, _message: &str) {}
-    /// Called at optimiser steps and epoch ends when samples are due; the tool generates them.
-    fn sample(&mut self, _model: &StableDiffusion, _step: u64, _epoch: u64) {}
+    /// Called when samples are due (spec training.md §11.2): after optimiser step `step`, or at
+    /// the end of epoch `epoch_end` (1-based). The network is applied at its training strength
+    /// with dropouts off, under no-grad; the tool generates and writes the images.
+    fn sample(&mut self, _model: &StableDiffusion, _step: u64, _epoch_end: Option<u64>) {}
 }
 
 /// An observer that reports nothing.
@@ -404,6 +418,8 @@ struct Batch {
     loss_weights: Vec<f64>,
     /// SDXL size conditioning: (original h, w, crop top, left, target h, w) per sample.
     size_cond: Vec<[f64; 6]>,
+    /// (dataset, image) of every sample (text-encoder output cache lookups).
+    keys: Vec<(usize, usize)>,
 }
 
 /// Cached (unscaled) latents of one image: normal and flipped, `[4, h, w]` f32 on the CPU.
@@ -429,6 +445,7 @@ struct Run<'a> {
     noise: NoiseSchedule,
     plan: StepPlan,
     cache: HashMap<(usize, usize), CachedLatents>,
+    te_cache: Option<super::sdxl::TextOutputCache>,
     session_id: u64,
     started_at: f64,
     log: Option<std::fs::File>,
@@ -474,12 +491,8 @@ impl<'a> Run<'a> {
             v_parameterization: cfg.v_parameterization,
             config_dir: cfg.model_config_dir.clone(),
         };
-        let model = StableDiffusion::load(&cfg.model, &opts)?;
-        if model.family == ModelFamily::Sdxl {
-            return Err(TrainError::Invalid(
-                "SDXL training is not implemented yet in train-network (SD1.x and SD2.x are); see docs/train-network.md".into(),
-            ));
-        }
+        let mut model = StableDiffusion::load(&cfg.model, &opts)?;
+        super::sdxl::check_family(cfg, &mut model, observer)?;
         tch::manual_seed(cfg.seed as i64);
 
         // The network: U-Net and/or text encoder(s), f32 weights.
@@ -619,6 +632,7 @@ impl<'a> Run<'a> {
             noise,
             plan,
             cache: HashMap::new(),
+            te_cache: None,
             session_id: u64::from(now.to_bits() as u32),
             started_at: now,
             log,
@@ -653,7 +667,24 @@ impl<'a> Run<'a> {
         if cfg.cache_latents {
             self.cache_all_latents(observer)?;
         }
+        if cfg.cache_text_encoder_outputs && self.model.family == ModelFamily::Sdxl {
+            let (cache, reused) = super::sdxl::TextOutputCache::build(
+                &self.model,
+                self.scan,
+                cfg.max_token_length,
+                cfg.device,
+                cfg.cache_text_encoder_outputs_to_disk,
+            )?;
+            observer.info(&format!(
+                "cached text-encoder outputs of {} images ({reused} from disk)",
+                cache.len()
+            ));
+            self.te_cache = Some(cache);
+        }
         observer.start(self.plan.max_train_steps, state.current_step);
+        if cfg.sample_at_first && state.current_step == 0 {
+            self.sample(0, None, observer);
+        }
         let g = cfg.gradient_accumulation_steps.max(1);
         let mut global_step = state.current_step;
         let mut first_loss = None;
@@ -768,6 +799,7 @@ impl<'a> Run<'a> {
         let scale = self.model.latent_scale();
         let mut captions = Vec::new();
         let mut loss_weights = Vec::new();
+        let mut keys = Vec::new();
         let mut size_cond = Vec::new();
         let progress = CaptionProgress {
             epoch: (epoch + 1) as u32,
@@ -784,6 +816,7 @@ impl<'a> Run<'a> {
                 &mut rng,
             ));
             loss_weights.push(ds.loss_weight(s.image));
+            keys.push((pb.dataset, s.image));
         }
         let latents = if self.cfg.cache_latents {
             let mut parts = Vec::new();
@@ -843,6 +876,7 @@ impl<'a> Run<'a> {
             captions,
             loss_weights,
             size_cond,
+            keys,
         })
     }
 
@@ -899,7 +933,14 @@ impl<'a> Run<'a> {
                 let disk = self
                     .cfg
                     .cache_latents_to_disk
-                    .then(|| super::latent_cache::cache_path(&entry.path, entry.size));
+                    .then(|| super::latent_cache::cache_path(&entry.path, entry.size))
+                    .map(|p| {
+                        if self.model.family == ModelFamily::Sdxl {
+                            super::sdxl::latent_cache_path(p)
+                        } else {
+                            p
+                        }
+                    });
                 if let Some(path) = &disk
                     && let Some(c) =
                         super::latent_cache::read(path, entry.assignment.bucket, flip_aug)
@@ -1046,19 +1087,34 @@ impl<'a> Run<'a> {
         };
         let noisy = self.noise.add_noise(latents, &input_noise, &timesteps);
         // 3. conditioning and U-Net
-        let context = self.text_conditioning(&batch.captions)?;
         let unet_kind = self.model.unet_vs.kind();
-        let added = (self.model.family == ModelFamily::Sdxl).then(|| {
-            let ids: Vec<f32> = batch
-                .size_cond
-                .iter()
-                .flat_map(|s| s.iter().map(|&v| v as f32))
-                .collect();
-            TextTimeCondition {
-                text_embeds: Tensor::zeros([b, 1280], (unet_kind, device)),
-                time_ids: Tensor::from_slice(&ids).view([b, 6]).to_device(device),
-            }
-        });
+        let (context, added) = if self.model.family == ModelFamily::Sdxl {
+            // SDXL (spec §4.3, §6.5): both encoders (or their cached outputs), pooled + size ids.
+            let out = match &self.te_cache {
+                Some(cache) => cache.batch(&batch.keys, device)?,
+                None => {
+                    let captions: Vec<&str> = batch.captions.iter().map(String::as_str).collect();
+                    let encode = || {
+                        super::sdxl::encode_captions(
+                            &self.model,
+                            &captions,
+                            cfg.max_token_length,
+                            device,
+                        )
+                    };
+                    if cfg.train_text_encoder {
+                        encode()?
+                    } else {
+                        tch::no_grad(encode)?
+                    }
+                }
+            };
+            let added =
+                super::sdxl::added_condition(&out.pool2, &batch.size_cond, unet_kind, device);
+            (out.context(), Some(added))
+        } else {
+            (self.text_conditioning(&batch.captions)?, None)
+        };
         let pred = self
             .model
             .unet
@@ -1205,6 +1261,13 @@ impl<'a> Run<'a> {
         observer: &mut dyn TrainObserver,
     ) -> Result<()> {
         let cfg = self.cfg;
+        if cfg.sample_every_n_epochs.is_none()
+            && cfg
+                .sample_every_n_steps
+                .is_some_and(|n| n > 0 && step.is_multiple_of(n))
+        {
+            self.sample(step, None, observer);
+        }
         if let Some(n) = cfg.save_every_n_steps.filter(|&n| n > 0)
             && step.is_multiple_of(n)
         {
@@ -1273,7 +1336,21 @@ impl<'a> Run<'a> {
                 }
             }
         }
+        if cfg
+            .sample_every_n_epochs
+            .is_some_and(|n| n > 0 && epoch.is_multiple_of(n))
+        {
+            self.sample(step, Some(epoch), observer);
+        }
         Ok(())
+    }
+
+    /// Sampling hook: dropouts off, no gradients. The micro-batch RNG is re-seeded before every
+    /// batch, so samples never change the training run.
+    fn sample(&self, step: u64, epoch_end: Option<u64>, observer: &mut dyn TrainObserver) {
+        self.network.set_train(false);
+        tch::no_grad(|| observer.sample(&self.model, step, epoch_end));
+        self.network.set_train(true);
     }
 
     fn save_interrupted(
