@@ -16,6 +16,7 @@
 //! `../shared/spec/tools.md` §0–§4, `../shared/spec/lora-format.md` §3 (ΔW), §8 (key tables).
 
 pub mod checkpoint;
+pub mod extract;
 pub mod lora_lora;
 pub mod stream;
 pub mod svd;
