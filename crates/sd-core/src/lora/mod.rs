@@ -14,7 +14,9 @@
 //! `../shared/spec/lora-format.md` (§2 keys, §3 maths, §4 selection, §5 block indices, §9
 //! metadata, §10 other formats). Documentation: `docs/lora.md`.
 
+pub mod blockwise;
 pub mod convert;
+pub mod dylora;
 pub mod file;
 pub mod metadata;
 pub mod module;

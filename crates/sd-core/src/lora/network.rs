@@ -16,6 +16,8 @@ use sd_formats::family::ModelFamily;
 use sd_formats::keymap::Component;
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
+use super::blockwise::{BlockRanks, select_block_modules};
+use super::dylora::{self, RankSampler};
 use super::file::{LoraTensors, LoraWeights};
 use super::module::{Dropouts, LoraModule};
 use super::names::{Layer, ModuleSpec, NetworkOptions, select_modules};
@@ -34,12 +36,22 @@ pub struct ComponentLayers<'a> {
 struct ModuleAdapter {
     module: Arc<Mutex<LoraModule>>,
     train: Arc<AtomicBool>,
+    /// DyLoRA rank sampler of the network (`None` for plain LoRA), shared by all modules.
+    dylora: DyloraSlot,
 }
+
+/// The network-wide DyLoRA sampler, set by [`LoraNetwork::enable_dylora`].
+type DyloraSlot = Arc<Mutex<Option<RankSampler>>>;
 
 impl LayerAdapter for ModuleAdapter {
     fn delta(&self, x: &Tensor) -> Option<Tensor> {
         let train = self.train.load(Ordering::Relaxed);
         let m = self.module.lock().expect("LoRA module lock");
+        if train && let Some(s) = self.dylora.lock().expect("DyLoRA lock").as_mut() {
+            let (b, unit) = (s.draw(m.rank()), s.unit());
+            let xk = x.to_kind(m.lora_down.kind());
+            return Some(dylora::forward_delta(&m, &xk, b, unit).to_kind(x.kind()));
+        }
         // The module's tensors may be f32 while the model runs in half precision.
         let kind = x.kind();
         if m.lora_down.kind() == kind {
@@ -81,6 +93,7 @@ pub struct LoraNetwork {
     family: ModelFamily,
     modules: Vec<Attached>,
     train: Arc<AtomicBool>,
+    dylora: DyloraSlot,
     applied: bool,
     /// Holds the trainable variables of a freshly created network (empty for loaded ones).
     vs: VarStore,
@@ -104,23 +117,46 @@ impl LoraNetwork {
         dropouts: Dropouts,
         device: Device,
     ) -> Result<Self> {
+        Self::create_with_blocks(family, components, opts, None, dropouts, device)
+    }
+
+    /// [`LoraNetwork::create`] with block-wise ranks (`block_dims` & co., spec §6.2): U-Net
+    /// modules take the rank/alpha of their block and blocks of rank 0 get no module; `None`
+    /// is the same as [`LoraNetwork::create`].
+    ///
+    /// # Errors
+    /// [`LoraError`] from module selection.
+    pub fn create_with_blocks(
+        family: ModelFamily,
+        components: &[ComponentLayers<'_>],
+        opts: &NetworkOptions,
+        blocks: Option<&BlockRanks>,
+        dropouts: Dropouts,
+        device: Device,
+    ) -> Result<Self> {
         let vs = VarStore::new(device);
         let train = Arc::new(AtomicBool::new(false));
+        let dylora: DyloraSlot = Arc::new(Mutex::new(None));
         let mut modules = Vec::new();
         for c in components {
             let layers: Vec<Layer> = c.layers.iter().map(LayerHandle::layer).collect();
             let index = layer_index(c.layers);
-            for spec in select_modules(family, c.component, &layers, opts)? {
+            let specs = match blocks {
+                Some(b) => select_block_modules(family, c.component, &layers, opts, b)?,
+                None => select_modules(family, c.component, &layers, opts)?,
+            };
+            for spec in specs {
                 let handle = index[spec.layer_path.as_str()];
                 let mut module = LoraModule::init(&vs.root(), &spec);
                 module.dropouts = dropouts;
-                modules.push(Self::attach(spec, module, handle, &train));
+                modules.push(Self::attach(spec, module, handle, &train, &dylora));
             }
         }
         Ok(Self {
             family,
             modules,
             train,
+            dylora,
             applied: false,
             vs,
         })
@@ -157,6 +193,7 @@ impl LoraNetwork {
             }
         }
         let train = Arc::new(AtomicBool::new(false));
+        let dylora: DyloraSlot = Arc::new(Mutex::new(None));
         let mut report = ApplyReport::default();
         let mut modules = Vec::new();
         for (name, t) in &weights.modules {
@@ -170,7 +207,7 @@ impl LoraNetwork {
             spec.rank = module.rank();
             spec.alpha = module.alpha() as f32;
             *report.applied.entry(spec.component.name()).or_default() += 1;
-            modules.push(Self::attach(spec, module, handle, &train));
+            modules.push(Self::attach(spec, module, handle, &train, &dylora));
         }
         if modules.is_empty() {
             let looks_like = weights
@@ -186,6 +223,7 @@ impl LoraNetwork {
                 family,
                 modules,
                 train,
+                dylora,
                 applied: false,
                 vs: VarStore::new(Device::Cpu),
             },
@@ -212,11 +250,13 @@ impl LoraNetwork {
         module: LoraModule,
         handle: &LayerHandle,
         train: &Arc<AtomicBool>,
+        dylora: &DyloraSlot,
     ) -> Attached {
         let module = Arc::new(Mutex::new(module));
         let adapter: SharedAdapter = Arc::new(Mutex::new(ModuleAdapter {
             module: module.clone(),
             train: train.clone(),
+            dylora: dylora.clone(),
         }));
         Attached {
             spec,
@@ -274,6 +314,27 @@ impl LoraNetwork {
         }
     }
 
+    /// Turns the network into a DyLoRA network (`networks.dylora`, spec §7): in training mode
+    /// every module forward draws its trainable rank slice from a sampler seeded with `seed`
+    /// and computes [`dylora::forward_delta`]; in inference the modules act as plain LoRAs of
+    /// their full rank. Files keep the plain LoRA layout.
+    ///
+    /// # Errors
+    /// [`LoraError::Invalid`] when `unit` is 0 or a module's rank is no multiple of `unit`.
+    pub fn enable_dylora(&self, unit: usize, seed: u64) -> Result<()> {
+        if unit == 0 {
+            return Err(LoraError::Invalid("DyLoRA unit must be at least 1".into()));
+        }
+        if let Some(m) = self.modules.iter().find(|m| m.spec.rank % unit != 0) {
+            return Err(LoraError::Invalid(format!(
+                "DyLoRA: module {} has rank {}, which is no multiple of unit {unit}",
+                m.spec.name, m.spec.rank
+            )));
+        }
+        *self.dylora.lock().expect("DyLoRA lock") = Some(RankSampler::new(unit, seed));
+        Ok(())
+    }
+
     /// Training mode (dropouts active) or inference.
     pub fn set_train(&self, train: bool) {
         self.train.store(train, Ordering::Relaxed);
@@ -311,6 +372,20 @@ impl LoraNetwork {
             }
         }
         groups
+    }
+
+    /// The trainable tensors of the U-Net modules grouped by block index (spec §5; ascending),
+    /// for block-wise learning rates (`down_lr_weight` & co., spec §6.1).
+    pub fn unet_parameters_by_block(&self) -> Vec<(i32, Vec<Tensor>)> {
+        let mut groups: BTreeMap<i32, Vec<Tensor>> = BTreeMap::new();
+        for m in self.modules.iter().filter(|m| m.spec.component == Component::Unet) {
+            let module = m.module.lock().expect("LoRA module lock");
+            groups.entry(m.spec.block_index).or_default().extend([
+                module.lora_down.shallow_clone(),
+                module.lora_up.shallow_clone(),
+            ]);
+        }
+        groups.into_iter().collect()
     }
 
     /// Sets `requires_grad` on every module weight (false for a frozen component).
