@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use indicatif::ProgressBar;
+use sd_core::lora::blockwise::{BlockArgs, BlockwiseOptions};
 use sd_core::lora::{Dropouts, NetworkOptions as LoraNetworkOptions};
 use sd_core::train::trainer::{
     self, HuberSchedule, LossType, MixedPrecision, StepReport, TrainConfig, TrainError,
@@ -254,24 +255,41 @@ fn dtype_of(p: SavePrecision) -> Dtype {
 
 /// The library configuration of a run.
 fn train_config(o: &TrainOptions, scan: &DatasetScan) -> anyhow::Result<TrainConfig> {
-    if o.network.kind == NetworkKind::Dylora {
+    let a = &o.network.args;
+    let blockwise = BlockwiseOptions {
+        ranks: BlockArgs {
+            block_dims: a
+                .block_dims
+                .as_ref()
+                .map(|v| v.iter().map(|&d| d as usize).collect()),
+            block_alphas: a
+                .block_alphas
+                .as_ref()
+                .map(|v| v.iter().map(|&x| x as f32).collect()),
+            conv_block_dims: a
+                .conv_block_dims
+                .as_ref()
+                .map(|v| v.iter().map(|&d| d as usize).collect()),
+            conv_block_alphas: a
+                .conv_block_alphas
+                .as_ref()
+                .map(|v| v.iter().map(|&x| x as f32).collect()),
+        },
+        down_lr_weight: a.down_lr_weight.clone(),
+        mid_lr_weight: a.mid_lr_weight.clone(),
+        up_lr_weight: a.up_lr_weight.clone(),
+        block_lr_zero_threshold: a.block_lr_zero_threshold,
+    };
+    let dylora = o.network.kind == NetworkKind::Dylora;
+    if dylora && !blockwise.is_empty() {
         anyhow::bail!(
-            "--network_module networks.dylora is not implemented yet (issue 7); use networks.lora"
+            "networks.dylora has no block-wise options (block_dims, *_lr_weight) in sd-scripts; use networks.lora"
         );
     }
-    let a = &o.network.args;
-    let blockwise = [
-        ("block_dims", a.block_dims.is_some()),
-        ("block_alphas", a.block_alphas.is_some()),
-        ("conv_block_dims", a.conv_block_dims.is_some()),
-        ("conv_block_alphas", a.conv_block_alphas.is_some()),
-        ("down_lr_weight", a.down_lr_weight.is_some()),
-        ("mid_lr_weight", a.mid_lr_weight.is_some()),
-        ("up_lr_weight", a.up_lr_weight.is_some()),
-        (
-            "block_lr_zero_threshold",
-            a.block_lr_zero_threshold.is_some(),
-        ),
+    if dylora && (a.rank_dropout.is_some() || a.module_dropout.is_some()) {
+        anyhow::bail!("networks.dylora has no rank_dropout/module_dropout (as in sd-scripts)");
+    }
+    let blockwise_refused = [
         ("loraplus_lr_ratio", a.loraplus_lr_ratio.is_some()),
         ("loraplus_unet_lr_ratio", a.loraplus_unet_lr_ratio.is_some()),
         (
@@ -279,14 +297,14 @@ fn train_config(o: &TrainOptions, scan: &DatasetScan) -> anyhow::Result<TrainCon
             a.loraplus_text_encoder_lr_ratio.is_some(),
         ),
     ];
-    let refused: Vec<&str> = blockwise
+    let refused: Vec<&str> = blockwise_refused
         .iter()
         .filter(|(_, given)| *given)
         .map(|(k, _)| *k)
         .collect();
     if !refused.is_empty() {
         anyhow::bail!(
-            "--network_args {} not implemented yet (block-wise ranks/learning rates and LoRA+ arrive with issue 7)",
+            "--network_args {} not implemented yet (LoRA+ learning-rate ratios)",
             refused.join(", ")
         );
     }
@@ -313,6 +331,30 @@ fn train_config(o: &TrainOptions, scan: &DatasetScan) -> anyhow::Result<TrainCon
     };
     let net = &o.network;
     let d = &o.diffusion;
+    let dylora_unit = dylora.then(|| net.args.unit.unwrap_or(1) as usize);
+    let network_options = LoraNetworkOptions {
+        network_dim: net.dim as usize,
+        network_alpha: net.alpha as f32,
+        conv_dim: net.args.conv_dim.map(|c| c as usize),
+        // DyLoRA's 3×3 modules use network_alpha (conv_alpha is ignored, spec §7).
+        conv_alpha: if dylora {
+            net.args.conv_dim.map(|_| net.alpha as f32)
+        } else {
+            net.args
+                .conv_alpha
+                .map(|a| a as f32)
+                .or(net.args.conv_dim.map(|_| 1.0))
+        },
+    };
+    let family = match o.model.family {
+        options::Family::Sd1 => sd_formats::family::ModelFamily::Sd1,
+        options::Family::Sd2 => sd_formats::family::ModelFamily::Sd2,
+        options::Family::Sdxl => sd_formats::family::ModelFamily::Sdxl,
+    };
+    // Checked before any model is loaded: list lengths, presets, numbers.
+    blockwise
+        .resolve(family, &network_options)
+        .context("--network_args")?;
     let mut metadata_extra = BTreeMap::new();
     let m = &o.output.metadata;
     for (k, v) in [
@@ -352,16 +394,9 @@ fn train_config(o: &TrainOptions, scan: &DatasetScan) -> anyhow::Result<TrainCon
         },
         no_half_vae: o.model.no_half_vae,
         network_module: net.module.clone(),
-        network: LoraNetworkOptions {
-            network_dim: net.dim as usize,
-            network_alpha: net.alpha as f32,
-            conv_dim: net.args.conv_dim.map(|c| c as usize),
-            conv_alpha: net
-                .args
-                .conv_alpha
-                .map(|a| a as f32)
-                .or(net.args.conv_dim.map(|_| 1.0)),
-        },
+        network: network_options,
+        dylora_unit,
+        blockwise,
         network_dim_given: true,
         network_alpha_given: (net.alpha - 1.0).abs() > f64::EPSILON,
         dropouts: Dropouts {

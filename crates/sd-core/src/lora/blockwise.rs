@@ -58,8 +58,9 @@ pub fn preset(text: &str, n: usize) -> Result<Vec<f64>> {
     };
     let last = n.saturating_sub(1).max(1) as f64;
     let f: fn(f64, f64) -> f64 = match name {
-        "sine" => |i, l| (std::f64::consts::FRAC_PI_2 * i / l).sin(),
-        "cosine" => |i, l| (std::f64::consts::FRAC_PI_2 * (l - i) / l).sin(),
+        // The reference's operation order: sin(π·(i/(n−1))/2), so values are bit-identical.
+        "sine" => |i, l| (std::f64::consts::PI * (i / l) / 2.0).sin(),
+        "cosine" => |i, l| (std::f64::consts::PI * ((l - i) / l) / 2.0).sin(),
         "linear" => |i, l| i / l,
         "reverse_linear" => |i, l| (l - i) / l,
         "zeros" => |_, _| 0.0,
@@ -272,6 +273,53 @@ impl BlockRanks {
             }
         }
         Ok(Some(out))
+    }
+}
+
+/// All block-wise `network_args` of a training run, as given (the family decides the lengths,
+/// so they are resolved once the model family is known).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BlockwiseOptions {
+    /// `block_dims` & co.
+    pub ranks: BlockArgs,
+    /// `down_lr_weight` (list or preset).
+    pub down_lr_weight: Option<String>,
+    /// `mid_lr_weight` (list).
+    pub mid_lr_weight: Option<String>,
+    /// `up_lr_weight` (list or preset).
+    pub up_lr_weight: Option<String>,
+    /// `block_lr_zero_threshold` (default 0).
+    pub block_lr_zero_threshold: Option<f64>,
+}
+
+impl BlockwiseOptions {
+    /// True when no block-wise option is given.
+    pub fn is_empty(&self) -> bool {
+        self.ranks.is_empty()
+            && self.down_lr_weight.is_none()
+            && self.mid_lr_weight.is_none()
+            && self.up_lr_weight.is_none()
+    }
+
+    /// The per-block ranks (for [`select_block_modules`]) and LR weights (for the optimiser's
+    /// per-block parameter groups) of `family`; each `None` when not in use.
+    ///
+    /// # Errors
+    /// The errors of [`lr_weights`] and [`BlockRanks::new`].
+    pub fn resolve(
+        &self,
+        family: ModelFamily,
+        opts: &NetworkOptions,
+    ) -> Result<(Option<BlockRanks>, Option<Vec<f64>>)> {
+        let weights = lr_weights(
+            family,
+            self.down_lr_weight.as_deref(),
+            self.mid_lr_weight.as_deref(),
+            self.up_lr_weight.as_deref(),
+            self.block_lr_zero_threshold,
+        )?;
+        let ranks = BlockRanks::new(family, opts, &self.ranks, weights.as_deref())?;
+        Ok((ranks, weights))
     }
 }
 

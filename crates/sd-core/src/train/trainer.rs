@@ -184,6 +184,11 @@ pub struct TrainConfig {
     pub network_args: Vec<(String, String)>,
     /// `--network_weights`: start from these weights.
     pub network_weights: Option<PathBuf>,
+    /// `networks.dylora` `unit` (`None` for plain LoRA): every module forward trains a random
+    /// rank slice (spec lora-format.md §7).
+    pub dylora_unit: Option<usize>,
+    /// Block-wise ranks and learning-rate weights (spec lora-format.md §6.1, §6.2).
+    pub blockwise: crate::lora::blockwise::BlockwiseOptions,
     /// Train the U-Net LoRA (false with `--network_train_text_encoder_only`).
     pub train_unet: bool,
     /// Train the text-encoder LoRA (false with `--network_train_unet_only`).
@@ -511,14 +516,19 @@ impl<'a> Run<'a> {
                 });
             }
         }
-        let mut network = LoraNetwork::create(
+        let (block_ranks, block_lr) = cfg.blockwise.resolve(model.family, &cfg.network)?;
+        let mut network = LoraNetwork::create_with_blocks(
             model.family,
             &components,
             &cfg.network,
+            block_ranks.as_ref(),
             cfg.dropouts,
             cfg.device,
         )?;
         drop(components);
+        if let Some(unit) = cfg.dylora_unit {
+            network.enable_dylora(unit, cfg.seed)?;
+        }
         if let Some(path) = &cfg.network_weights {
             let weights = LoraWeights::load(path, &Default::default())?;
             let loaded = network.load_module_weights(&weights)?;
@@ -566,7 +576,25 @@ impl<'a> Run<'a> {
                 },
             ));
         }
-        if !unet_params.is_empty() && (unet_lr != 0.0 || relative_step) {
+        if let Some(weights) = block_lr.as_ref().filter(|_| !unet_params.is_empty()) {
+            // One U-Net group per block with lr × block weight (sd-scripts
+            // `prepare_optimizer_params` with block LR weights); zero-lr groups are dropped.
+            for (block, params) in network.unet_parameters_by_block() {
+                let w = usize::try_from(block)
+                    .ok()
+                    .and_then(|b| weights.get(b))
+                    .copied()
+                    .unwrap_or(1.0);
+                let lr = if relative_step {
+                    cfg.learning_rate
+                } else {
+                    unet_lr * w
+                };
+                if lr != 0.0 || relative_step {
+                    groups.push(ParamGroup::new(format!("unet_block{block}"), params, lr));
+                }
+            }
+        } else if !unet_params.is_empty() && (unet_lr != 0.0 || relative_step) {
             groups.push(ParamGroup::new(
                 "unet",
                 unet_params,
