@@ -229,7 +229,7 @@ pub const OPTIONS: &[Compat] = &[
     c(
         "network_module",
         Implemented,
-        "networks.lora; networks.dylora is refused until DyLoRA training lands (issue 7)",
+        "networks.lora and networks.dylora (unit, conv_dim = network_dim; per-forward rank slice, see docs/lora.md)",
     ),
     c("network_dim", Implemented, ""),
     c("network_alpha", Implemented, ""),
@@ -237,7 +237,7 @@ pub const OPTIONS: &[Compat] = &[
     c(
         "network_args",
         Implemented,
-        "conv_dim, conv_alpha, rank_dropout, module_dropout; block-wise and LoRA+ keys are refused until issue 7; unknown keys are an error",
+        "conv_dim, conv_alpha, rank_dropout, module_dropout, unit (DyLoRA), block_dims/block_alphas/conv_block_dims/conv_block_alphas, down/mid/up_lr_weight, block_lr_zero_threshold; LoRA+ keys are refused; unknown keys are an error",
     ),
     c(
         "network_weights",
