@@ -17,6 +17,7 @@ pub mod latent_cache;
 pub mod lr_scheduler;
 pub mod optim;
 pub mod optim8bit;
+pub mod sdxl;
 pub mod state_file;
 pub mod trainer;
 
