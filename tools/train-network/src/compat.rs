@@ -519,12 +519,12 @@ pub const OPTIONS: &[Compat] = &[
     c(
         "logging_dir",
         Implemented,
-        "a JSONL log of every step (loss, lr per group); TensorBoard event files are not written yet",
+        "TensorBoard event files (loss/current, loss/average, lr/<group> per step) in <logging_dir>/<YYYYmmddHHMMSS>/network_train, and a JSONL log of every step (loss, lr per group)",
     ),
     c(
         "log_with",
         ByValue,
-        "tensorboard is planned; wandb and all are unsupported (no network access)",
+        "tensorboard (the default) is written; wandb and all are unsupported (no network access)",
     ),
     c("log_prefix", Unsupported, "not implemented yet"),
     c("log_tracker_name", Unsupported, "not implemented yet"),

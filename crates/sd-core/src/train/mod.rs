@@ -19,6 +19,7 @@ pub mod optim;
 pub mod optim8bit;
 pub mod sdxl;
 pub mod state_file;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use grad::{GradScaler, clip_grad_norm};

@@ -293,7 +293,9 @@ pub struct TrainConfig {
     pub training_comment: Option<String>,
     /// `--metadata_title`, `--metadata_author`, … (without the prefix).
     pub metadata_extra: BTreeMap<String, String>,
-    /// `--logging_dir`: a JSONL log of every step is written there.
+    /// `--logging_dir`: a JSONL log of every step is written there, and TensorBoard event
+    /// files (`loss/current`, `loss/average`, `lr/<group>` per step) into
+    /// `<logging_dir>/<YYYYmmddHHMMSS>/network_train/`.
     pub logging_dir: Option<PathBuf>,
     /// Dataset metadata (`ss_datasets`, `ss_tag_frequency`, …) computed by the tool.
     pub dataset_metadata: BTreeMap<String, String>,
@@ -454,6 +456,7 @@ struct Run<'a> {
     session_id: u64,
     started_at: f64,
     log: Option<std::fs::File>,
+    tensorboard: Option<super::tensorboard::EventWriter>,
     interrupt: Arc<AtomicBool>,
 }
 
@@ -647,6 +650,19 @@ impl<'a> Run<'a> {
             }
             None => None,
         };
+        // TensorBoard: `<logging_dir>/<YYYYmmddHHMMSS>/network_train/` (spec §12.4).
+        let tensorboard = match &cfg.logging_dir {
+            Some(dir) => {
+                let run_dir = dir
+                    .join(chrono::Local::now().format("%Y%m%d%H%M%S").to_string())
+                    .join("network_train");
+                Some(
+                    super::tensorboard::EventWriter::create(&run_dir, now)
+                        .map_err(io_err(&run_dir))?,
+                )
+            }
+            None => None,
+        };
         Ok(Self {
             cfg,
             scan,
@@ -664,6 +680,7 @@ impl<'a> Run<'a> {
             session_id: u64::from(now.to_bits() as u32),
             started_at: now,
             log,
+            tensorboard,
             interrupt,
         })
     }
@@ -1748,6 +1765,27 @@ impl<'a> Run<'a> {
         {
             use std::io::Write;
             let _ = writeln!(f, "{line}");
+        }
+        if let Some(tb) = &mut self.tensorboard {
+            // Tags of spec §12.4: lr/<group name> gives lr/textencoder and lr/unet.
+            let lr_tags: Vec<String> = report.lrs.iter().map(|(n, _)| format!("lr/{n}")).collect();
+            let mut scalars = vec![
+                ("loss/current", report.loss as f32),
+                ("loss/average", report.avg_loss as f32),
+            ];
+            scalars.extend(
+                lr_tags
+                    .iter()
+                    .zip(&report.lrs)
+                    .map(|(t, (_, lr))| (t.as_str(), *lr as f32)),
+            );
+            let wall = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            if let Err(e) = tb.add_scalars(report.step as i64, wall, &scalars) {
+                tracing::warn!("{}: {e}", tb.path().display());
+            }
         }
     }
 }
