@@ -65,6 +65,19 @@ impl Attention {
         }
     }
 
+    /// A copy sharing every tensor and adapter slot (for a gradient-checkpoint closure).
+    pub(crate) fn shallow_copy(&self) -> Self {
+        use super::checkpoint::copy_linear;
+        Self {
+            to_q: copy_linear(&self.to_q),
+            to_k: copy_linear(&self.to_k),
+            to_v: copy_linear(&self.to_v),
+            to_out: copy_linear(&self.to_out),
+            heads: self.heads,
+            upcast: self.upcast,
+        }
+    }
+
     /// Attends from `x` to `context` (or to `x`).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Tensor {
         let ctx = context.unwrap_or(x);
@@ -116,6 +129,15 @@ impl FeedForward {
         Self {
             proj: Linear::new(&(p / "net" / 0 / "proj"), dim, 2 * inner, true),
             out: Linear::new(&(p / "net" / 2), inner, dim, true),
+        }
+    }
+
+    /// A copy sharing every tensor and adapter slot.
+    pub(crate) fn shallow_copy(&self) -> Self {
+        use super::checkpoint::copy_linear;
+        Self {
+            proj: copy_linear(&self.proj),
+            out: copy_linear(&self.out),
         }
     }
 
@@ -171,6 +193,19 @@ impl BasicTransformerBlock {
         }
     }
 
+    /// A copy sharing every tensor and adapter slot.
+    pub(crate) fn shallow_copy(&self) -> Self {
+        use super::checkpoint::copy_layer_norm;
+        Self {
+            norm1: copy_layer_norm(&self.norm1),
+            attn1: self.attn1.shallow_copy(),
+            norm2: copy_layer_norm(&self.norm2),
+            attn2: self.attn2.shallow_copy(),
+            norm3: copy_layer_norm(&self.norm3),
+            ff: self.ff.shallow_copy(),
+        }
+    }
+
     /// `x` `[N, L, dim]`, `context` `[N, S, context_dim]` → `[N, L, dim]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
         // 1. self-attention
@@ -187,6 +222,15 @@ impl BasicTransformerBlock {
 enum Projection {
     Conv(Conv2d),
     Linear(Linear),
+}
+
+impl Projection {
+    fn shallow_copy(&self) -> Self {
+        match self {
+            Projection::Conv(c) => Projection::Conv(super::checkpoint::copy_conv(c)),
+            Projection::Linear(l) => Projection::Linear(super::checkpoint::copy_linear(l)),
+        }
+    }
 }
 
 /// Settings of a [`Transformer2DModel`].
@@ -253,6 +297,20 @@ impl Transformer2DModel {
                 })
                 .collect(),
             proj_out: proj("proj_out"),
+        }
+    }
+
+    /// A copy sharing every tensor and adapter slot (for a gradient-checkpoint closure).
+    pub(crate) fn shallow_copy(&self) -> Self {
+        Self {
+            norm: super::checkpoint::copy_group_norm(&self.norm),
+            proj_in: self.proj_in.shallow_copy(),
+            blocks: self
+                .blocks
+                .iter()
+                .map(BasicTransformerBlock::shallow_copy)
+                .collect(),
+            proj_out: self.proj_out.shallow_copy(),
         }
     }
 

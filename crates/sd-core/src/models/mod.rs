@@ -1,6 +1,7 @@
 //! Stable Diffusion networks with Diffusers module paths.
 
 pub mod attention;
+pub mod checkpoint;
 pub mod config;
 pub mod embeddings;
 pub mod layers;

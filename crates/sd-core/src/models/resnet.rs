@@ -64,6 +64,20 @@ impl ResnetBlock2D {
         }
     }
 
+    /// A copy sharing every tensor and adapter slot (for a gradient-checkpoint closure).
+    pub(crate) fn shallow_copy(&self) -> Self {
+        use super::checkpoint::{copy_conv, copy_group_norm, copy_linear};
+        Self {
+            norm1: copy_group_norm(&self.norm1),
+            conv1: copy_conv(&self.conv1),
+            time_emb_proj: self.time_emb_proj.as_ref().map(copy_linear),
+            norm2: copy_group_norm(&self.norm2),
+            conv2: copy_conv(&self.conv2),
+            conv_shortcut: self.conv_shortcut.as_ref().map(copy_conv),
+            output_scale_factor: self.output_scale_factor,
+        }
+    }
+
     /// Runs the block; `temb` is ignored when the block has no `time_emb_proj`.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
         // 1. norm1 → SiLU → conv1

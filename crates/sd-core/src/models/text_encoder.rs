@@ -216,6 +216,14 @@ impl LayerNorm {
         }
     }
 
+    fn shallow_copy(&self) -> Self {
+        Self {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+            eps: self.eps,
+        }
+    }
+
     /// `x` [..., D] → [..., D].
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let d = *x
@@ -249,6 +257,17 @@ impl ClipAttention {
             v_proj: linear(&p / "v_proj", d, d, true, kind),
             out_proj: linear(&p / "out_proj", d, d, true, kind),
             heads: c.num_attention_heads,
+        }
+    }
+
+    fn shallow_copy(&self) -> Self {
+        use super::checkpoint::copy_linear;
+        Self {
+            q_proj: copy_linear(&self.q_proj),
+            k_proj: copy_linear(&self.k_proj),
+            v_proj: copy_linear(&self.v_proj),
+            out_proj: copy_linear(&self.out_proj),
+            heads: self.heads,
         }
     }
 
@@ -324,6 +343,21 @@ impl ClipEncoderLayer {
         }
     }
 
+    /// A copy sharing every tensor and adapter slot (for a gradient-checkpoint closure).
+    pub(crate) fn shallow_copy(&self) -> Self {
+        use super::checkpoint::copy_linear;
+        Self {
+            layer_norm1: self.layer_norm1.shallow_copy(),
+            self_attn: self.self_attn.shallow_copy(),
+            layer_norm2: self.layer_norm2.shallow_copy(),
+            mlp: ClipMlp {
+                fc1: copy_linear(&self.mlp.fc1),
+                fc2: copy_linear(&self.mlp.fc2),
+                act: self.mlp.act,
+            },
+        }
+    }
+
     /// `x` [B, T, D] → [B, T, D]: `x + attn(ln1(x))`, then `+ mlp(ln2(·))`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let x = x + self.self_attn.forward(&self.layer_norm1.forward(x));
@@ -395,6 +429,7 @@ pub struct ClipTextModel {
     pub text_projection: Option<Linear>,
     config: ClipTextConfig,
     linear_layers: Vec<super::layers::LayerHandle>,
+    checkpointing: Option<super::checkpoint::Checkpointing>,
 }
 
 /// Source keys of Diffusers text-encoder files that hold no parameter (a buffer in older
@@ -458,7 +493,18 @@ impl ClipTextModel {
             }),
             config: config.clone(),
             linear_layers: Vec::new(),
+            checkpointing: None,
         }
+    }
+
+    /// Gradient checkpointing of every encoder layer (`--gradient_checkpointing`): `Some` with
+    /// the trainable tensors the layers use (the LoRA weights on this encoder), `None` to turn
+    /// it off. Outputs and gradients are unchanged; backward recomputes each layer.
+    pub fn set_gradient_checkpointing(
+        &mut self,
+        checkpointing: Option<super::checkpoint::Checkpointing>,
+    ) {
+        self.checkpointing = checkpointing;
     }
 
     /// The architecture.
@@ -484,7 +530,13 @@ impl ClipTextModel {
         // 2. Encoder layers, keeping every intermediate state.
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {
-            let next = layer.forward(&x);
+            let next = match &self.checkpointing {
+                Some(c) => {
+                    let layer = layer.shallow_copy();
+                    c.run(move |i| layer.forward(&i[0]), &[&x])
+                }
+                None => layer.forward(&x),
+            };
             hidden_states.push(x);
             x = next;
         }

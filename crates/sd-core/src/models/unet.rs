@@ -456,6 +456,7 @@ pub struct Unet {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     linear_layers: Vec<LayerHandle>,
+    checkpointing: Option<super::checkpoint::Checkpointing>,
 }
 
 impl Unet {
@@ -642,7 +643,41 @@ impl Unet {
             ),
             conv_out: Conv2d::new(&(vs / "conv_out"), ch[0], c.out_channels, 3, 1, 1),
             linear_layers: Vec::new(),
+            checkpointing: None,
         })
+    }
+
+    /// Gradient checkpointing of every ResnetBlock2D and Transformer2DModel
+    /// (`--gradient_checkpointing`, as Diffusers' `enable_gradient_checkpointing`): `Some` with
+    /// the trainable tensors the blocks use (the LoRA weights on the U-Net), `None` to turn it
+    /// off. Outputs and gradients are unchanged; backward recomputes each block.
+    pub fn set_gradient_checkpointing(
+        &mut self,
+        checkpointing: Option<super::checkpoint::Checkpointing>,
+    ) {
+        self.checkpointing = checkpointing;
+    }
+
+    /// `resnet(x, emb)`, checkpointed when enabled.
+    fn resnet(&self, block: &ResnetBlock2D, x: &Tensor, emb: &Tensor) -> Tensor {
+        match &self.checkpointing {
+            Some(c) => {
+                let block = block.shallow_copy();
+                c.run(move |i| block.forward(&i[0], Some(&i[1])), &[x, emb])
+            }
+            None => block.forward(x, Some(emb)),
+        }
+    }
+
+    /// `attn(x, context)`, checkpointed when enabled.
+    fn attention(&self, block: &Transformer2DModel, x: &Tensor, ctx: &Tensor) -> Tensor {
+        match &self.checkpointing {
+            Some(c) => {
+                let block = block.shallow_copy();
+                c.run(move |i| block.forward(&i[0], &i[1]), &[x, ctx])
+            }
+            None => block.forward(x, ctx),
+        }
     }
 
     /// The configuration this U-Net was built from.
@@ -713,9 +748,9 @@ impl Unet {
         let mut skips = vec![h.shallow_clone()];
         for block in &self.down_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                h = resnet.forward(&h, Some(&emb));
+                h = self.resnet(resnet, &h, &emb);
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, ctx);
+                    h = self.attention(attn, &h, ctx);
                 }
                 skips.push(h.shallow_clone());
             }
@@ -726,17 +761,17 @@ impl Unet {
         }
 
         // 4. mid
-        h = self.mid_block.resnet_0.forward(&h, Some(&emb));
-        h = self.mid_block.attention.forward(&h, ctx);
-        h = self.mid_block.resnet_1.forward(&h, Some(&emb));
+        h = self.resnet(&self.mid_block.resnet_0, &h, &emb);
+        h = self.attention(&self.mid_block.attention, &h, ctx);
+        h = self.resnet(&self.mid_block.resnet_1, &h, &emb);
 
         // 5. up: each resnet takes the latest skip, concatenated on channels
         for block in &self.up_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("one skip per up resnet by construction");
-                h = resnet.forward(&Tensor::cat(&[&h, &skip], 1), Some(&emb));
+                h = self.resnet(resnet, &Tensor::cat(&[&h, &skip], 1), &emb);
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, ctx);
+                    h = self.attention(attn, &h, ctx);
                 }
             }
             if let Some(up) = &block.upsampler {
