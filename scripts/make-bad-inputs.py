@@ -15,7 +15,11 @@ storages as persistent ids ('storage', torch.<X>Storage, key, 'cpu', numel)),
 To emit the torch globals without torch, fake `torch` modules are registered in sys.modules;
 nothing from them is ever called at load time by our reader.
 
-Expected outcome of each file: crates/sd-formats/tests/io_bad_inputs.rs.
+Expected outcome of each file: crates/sd-formats/tests/io_bad_inputs.rs (the tensor readers)
+and tests/it/bad_inputs.rs (every tool: exit code, one-line error naming the file and cause, no
+panic, no output left behind). The second half of the corpus (issue 12) holds LoRA files that
+are valid tensor files but wrong LoRAs, dataset configs, caption and image folders, and gen-img
+prompt files.
 """
 
 import collections
@@ -365,6 +369,144 @@ def main():
         ]
     )
     write("strided-views.ckpt", torch_zip(views, [base, bf, packed], deflate={"2"}))
+
+    lora_files()
+    dataset_files()
+    image_and_caption_folders()
+    prompt_files()
+
+
+# ---------------------------------------------------------------- tool-level inputs (issue 12)
+
+# Module names and shapes of the tiny SD1.5 fixture (tests/fixtures/lora/lora-sd15.modules.json).
+TE_K = "lora_te_text_model_encoder_layers_0_self_attn_k_proj"
+UNET_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+# SDXL LoRAs name U-Net modules by LDM paths and use lora_te1_/lora_te2_.
+SDXL_Q = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+
+
+def ramp(n, scale=0.01, start=1):
+    return [scale * ((i + start) % 7 - 3) for i in range(n)]
+
+
+def lora_module(name, rank, din, dout, alpha=None, dtype="F32", down=None, up=None):
+    pack = {"F32": f32, "F16": f16, "BF16": bf16}[dtype]
+    t = []
+    if alpha is not None:
+        t.append((f"{name}.alpha", dtype, [], pack(alpha)))
+    t.append((f"{name}.lora_down.weight", dtype, [rank, din], pack(*(down or ramp(rank * din)))))
+    t.append((f"{name}.lora_up.weight", dtype, [dout, rank], pack(*(up or ramp(dout * rank, start=3)))))
+    return t
+
+
+def lora_files():
+    meta = {"ss_network_module": "networks.lora"}
+    write("lora-other-family-sdxl.safetensors",
+          st_bytes(lora_module(SDXL_Q, 4, 32, 32, 1.0)
+                   + lora_module("lora_te1_text_model_encoder_layers_0_self_attn_k_proj", 4, 32, 32, 1.0), meta))
+    # LyCORIS LoHa keys (hada_w1_a...): another algorithm, not networks.lora.
+    loha = []
+    for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+        loha.append((f"{UNET_Q}.{k}", "F32", [4, 4], f32(*ramp(16))))
+    loha.append((f"{UNET_Q}.alpha", "F32", [], f32(4.0)))
+    write("lora-unknown-algorithm-loha.safetensors", st_bytes(loha, {"ss_network_module": "lycoris.kohya"}))
+    lokr = [(f"{UNET_Q}.lokr_w1", "F32", [2, 2], f32(1, 2, 3, 4)),
+            (f"{UNET_Q}.lokr_w2", "F32", [16, 16], f32(*ramp(256)))]
+    write("lora-unknown-algorithm-lokr.safetensors", st_bytes(lokr))
+    # Valid: ranks 2 and 4, no alpha tensors at all (alpha = rank, scale 1).
+    write("lora-mixed-rank-no-alpha.safetensors",
+          st_bytes(lora_module(TE_K, 2, 32, 32) + lora_module(UNET_Q, 4, 32, 32), meta))
+    nan_up = ramp(32 * 4)
+    nan_up[5] = float("nan")
+    nan_up[9] = float("inf")
+    write("lora-nan-weights.safetensors", st_bytes(lora_module(UNET_Q, 4, 32, 32, 4.0, up=nan_up), meta))
+    write("lora-rank-mismatch.safetensors",
+          st_bytes([(f"{UNET_Q}.lora_down.weight", "F32", [4, 32], f32(*ramp(128))),
+                    (f"{UNET_Q}.lora_up.weight", "F32", [32, 2], f32(*ramp(64)))], meta))
+    write("lora-down-without-up.safetensors",
+          st_bytes([(f"{UNET_Q}.alpha", "F32", [], f32(4.0)),
+                    (f"{UNET_Q}.lora_down.weight", "F32", [4, 32], f32(*ramp(128)))], meta))
+    write("lora-alpha-not-scalar.safetensors",
+          st_bytes([(f"{UNET_Q}.alpha", "F32", [2], f32(4.0, 4.0))] + lora_module(UNET_Q, 4, 32, 32)[0:2], meta))
+    write("lora-no-tensors.safetensors", st_bytes([], meta))
+    # Right names for the tiny model, full-size SD1.5 shapes (320 channels).
+    write("lora-wrong-shape-for-model.safetensors",
+          st_bytes(lora_module(UNET_Q, 1, 320, 320, 1.0, dtype="F16",
+                               down=[0.01] * 320, up=[0.01] * 320), meta))
+    write("lora-integer-dtype.safetensors",
+          st_bytes([(f"{UNET_Q}.lora_down.weight", "I64", [1, 2], struct.pack("<2q", 1, 2)),
+                    (f"{UNET_Q}.lora_up.weight", "I64", [2, 1], struct.pack("<2q", 1, 2))], meta))
+    write("zero-length.ckpt", b"")
+
+
+def dataset_files():
+    def toml_file(name, text):
+        write(name, text.encode())
+
+    sub = '[[datasets.subsets]]\nimage_dir = "images"\n'
+    toml_file("dataset-wrong-type.toml", '[[datasets]]\nresolution = "big"\n' + sub)
+    toml_file("dataset-batch-size-string.toml", '[[datasets]]\nresolution = 64\nbatch_size = "2"\n' + sub)
+    toml_file("dataset-unknown-key.toml", '[general]\ncolour_jitter = 3\n[[datasets]]\nresolution = 64\n' + sub)
+    toml_file("dataset-unknown-top-level.toml", '[model]\nname = "x"\n[[datasets]]\nresolution = 64\n' + sub)
+    toml_file("dataset-syntax-error.toml", '[[datasets]\nresolution = 64\n')
+    toml_file("dataset-negative-repeats.toml",
+              '[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "images"\nnum_repeats = -1\n')
+    toml_file("dataset-missing-image-dir.toml",
+              '[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "no-such-folder-here"\n')
+    toml_file("dataset-subsets-not-array.toml", '[[datasets]]\nresolution = 64\nsubsets = "images"\n')
+    write("dataset-utf16.toml", '[[datasets]]\nresolution = 64\n'.encode("utf-16"))
+
+
+# A valid 8x8 PNG (zlib-compressed grey ramp), built without any image library.
+def png_bytes(w=8, h=8, header_size=None):
+    """header_size: (width, height) written to IHDR (with a valid CRC) instead of (w, h)."""
+    import zlib
+
+    def chunk(kind, data):
+        c = kind + data
+        return struct.pack(">I", len(data)) + c + struct.pack(">I", zlib.crc32(c) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\0" + bytes((x * 30 + y * 3) % 256 for x in range(w) for _ in range(3)) for y in range(h))
+    hw, hh = header_size or (w, h)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", hw, hh, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def folder(name, files):
+    """A DreamBooth-style folder `name/1_tok/` with the given (file name, bytes)."""
+    d = os.path.join(ROOT, name, "1_tok")
+    os.makedirs(d)
+    for fname, data in files:
+        with open(os.path.join(d, fname), "wb") as f:
+            f.write(data)
+
+
+def image_and_caption_folders():
+    png = png_bytes()
+    folder("captions-latin1", [("img.png", png), ("img.txt", "café, naïve".encode("latin-1"))])
+    folder("captions-utf16", [("img.png", png), ("img.txt", "a photo, tok".encode("utf-16"))])
+    folder("captions-empty-file", [("img.png", png), ("img.txt", b"")])
+    folder("captions-binary", [("img.png", png), ("img.txt", b"\x00\xff\xfe\x80 binary")])
+    folder("images-truncated-png", [("img.png", png[:40]), ("img.txt", b"tok")])
+    folder("images-text-as-jpg", [("img.jpg", b"this is not a jpeg\n"), ("img.txt", b"tok")])
+    folder("images-zero-length-png", [("img.png", b""), ("img.txt", b"tok")])
+    folder("images-corrupt-idat", [("img.png", png[:45] + b"\xde\xad" * 8 + png[61:]), ("img.txt", b"tok")])
+    folder("images-huge-dimensions", [
+        ("img.png", png_bytes(header_size=(1 << 30, 1 << 30))), ("img.txt", b"tok")])
+
+
+def prompt_files():
+    def prompts(name, text):
+        write(name, text if isinstance(text, bytes) else text.encode())
+
+    prompts("prompts-bad-number.txt", "a cat --w abc --h 64\n")
+    prompts("prompts-missing-value.txt", "a cat --n\n")
+    prompts("prompts-unknown-option.txt", "a cat --zz 3\n")
+    prompts("prompts-negative-steps.txt", "a cat --s -5\n")
+    prompts("prompts-zero-size.txt", "a cat --w 0 --h 0\n")
+    prompts("prompts-not-utf8.txt", b"a caf\xe9 --n blurry\n")
+    prompts("prompts-only-comments.txt", "# nothing to draw\n\n   \n")
+    prompts("prompts-unbalanced-attention.txt", "((a cat:1.5 [[dog --l nan\n")
 
 
 if __name__ == "__main__":
