@@ -89,7 +89,7 @@ fn single_file_with_configs(dir: &Path) -> PathBuf {
     meta[sd_core::loader::CONFIG_METADATA_KEY] =
         serde_json::Value::String(serde_json::Value::Object(configs).to_string());
     let mut text = serde_json::to_vec(&header).expect("serialise");
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
