@@ -186,7 +186,7 @@ pub fn split(file: &TensorFile, unit: usize) -> Result<Vec<DyloraSplit>> {
             path.display()
         )));
     }
-    if full % unit != 0 {
+    if !full.is_multiple_of(unit) {
         tracing::warn!(
             "{}: the full rank {full} is no multiple of --unit {unit}",
             path.display()

@@ -325,7 +325,11 @@ impl LoraNetwork {
         if unit == 0 {
             return Err(LoraError::Invalid("DyLoRA unit must be at least 1".into()));
         }
-        if let Some(m) = self.modules.iter().find(|m| m.spec.rank % unit != 0) {
+        if let Some(m) = self
+            .modules
+            .iter()
+            .find(|m| !m.spec.rank.is_multiple_of(unit))
+        {
             return Err(LoraError::Invalid(format!(
                 "DyLoRA: module {} has rank {}, which is no multiple of unit {unit}",
                 m.spec.name, m.spec.rank
@@ -378,7 +382,11 @@ impl LoraNetwork {
     /// for block-wise learning rates (`down_lr_weight` & co., spec §6.1).
     pub fn unet_parameters_by_block(&self) -> Vec<(i32, Vec<Tensor>)> {
         let mut groups: BTreeMap<i32, Vec<Tensor>> = BTreeMap::new();
-        for m in self.modules.iter().filter(|m| m.spec.component == Component::Unet) {
+        for m in self
+            .modules
+            .iter()
+            .filter(|m| m.spec.component == Component::Unet)
+        {
             let module = m.module.lock().expect("LoRA module lock");
             groups.entry(m.spec.block_index).or_default().extend([
                 module.lora_down.shallow_clone(),
@@ -423,16 +431,30 @@ impl LoraNetwork {
     pub fn load_module_weights(&self, weights: &LoraWeights) -> Result<usize> {
         let mut loaded = 0;
         let mut unknown = Vec::new();
-        let by_name: HashMap<&str, &Attached> = self.modules.iter().map(|m| (m.spec.name.as_str(), m)).collect();
+        let by_name: HashMap<&str, &Attached> = self
+            .modules
+            .iter()
+            .map(|m| (m.spec.name.as_str(), m))
+            .collect();
         for (name, t) in &weights.modules {
             let Some(m) = by_name.get(name.as_str()) else {
                 unknown.push(name.clone());
                 continue;
             };
             let module = m.module.lock().expect("LoRA module lock");
-            let check = LoraModule::from_tensors(name, m.spec.layer, t.down.shallow_clone(), t.up.shallow_clone(), t.alpha)?;
+            let check = LoraModule::from_tensors(
+                name,
+                m.spec.layer,
+                t.down.shallow_clone(),
+                t.up.shallow_clone(),
+                t.alpha,
+            )?;
             if check.rank() != module.rank() {
-                return Err(LoraError::Invalid(format!("module {name}: the file has rank {}, the network {}", check.rank(), module.rank())));
+                return Err(LoraError::Invalid(format!(
+                    "module {name}: the file has rank {}, the network {}",
+                    check.rank(),
+                    module.rank()
+                )));
             }
             if (check.alpha() - module.alpha()).abs() > 1e-6 * module.alpha().abs().max(1.0) {
                 return Err(LoraError::Invalid(format!(
@@ -448,7 +470,11 @@ impl LoraNetwork {
             loaded += 1;
         }
         if !unknown.is_empty() {
-            tracing::warn!("{} module(s) of the weights match no module of this network: {}", unknown.len(), unknown.join(", "));
+            tracing::warn!(
+                "{} module(s) of the weights match no module of this network: {}",
+                unknown.len(),
+                unknown.join(", ")
+            );
         }
         Ok(loaded)
     }
