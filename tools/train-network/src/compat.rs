@@ -303,8 +303,8 @@ pub const OPTIONS: &[Compat] = &[
     c("full_bf16", Unsupported, "not implemented yet (issue 6)"),
     c(
         "gradient_checkpointing",
-        NoEffect,
-        "numerically identical; its memory saving is not implemented yet (issue 6)",
+        Implemented,
+        "U-Net blocks (and trained text-encoder layers) recomputed in backward; same gradients",
     ),
     c(
         "mem_eff_attn",

@@ -393,6 +393,7 @@ fn train_config(o: &TrainOptions, scan: &DatasetScan) -> anyhow::Result<TrainCon
             options::MixedPrecision::Bf16 => MixedPrecision::Bf16,
         },
         no_half_vae: o.model.no_half_vae,
+        gradient_checkpointing: opt.gradient_checkpointing,
         network_module: net.module.clone(),
         network: network_options,
         dylora_unit,

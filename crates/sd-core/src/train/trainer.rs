@@ -168,6 +168,10 @@ pub struct TrainConfig {
     pub mixed_precision: MixedPrecision,
     /// `--no_half_vae`: keep the VAE in f32 (it always is when mixed precision is off).
     pub no_half_vae: bool,
+    /// `--gradient_checkpointing`: every U-Net block (and text-encoder layer when it is
+    /// trained) is recomputed during backward instead of keeping its activations
+    /// ([`crate::models::checkpoint`]); same gradients, less memory, about one extra forward.
+    pub gradient_checkpointing: bool,
     // --- network
     /// `networks.lora` or `networks.dylora` (recorded in metadata).
     pub network_module: String,
@@ -543,6 +547,21 @@ impl<'a> Run<'a> {
         }
         network.apply();
         network.set_train(true);
+        if cfg.gradient_checkpointing {
+            // Each block's node gets its component's LoRA tensors (spec: issue 6).
+            for (component, params) in network.parameters() {
+                let c = crate::models::checkpoint::Checkpointing::new(params);
+                if component == Component::Unet {
+                    model.unet.set_gradient_checkpointing(Some(c));
+                } else if let Some(slot) = model
+                    .text_encoders
+                    .iter_mut()
+                    .find(|s| s.component == component)
+                {
+                    slot.model.set_gradient_checkpointing(Some(c));
+                }
+            }
+        }
         observer.info(&format!(
             "LoRA network: {} modules ({})",
             network.len(),
@@ -1513,7 +1532,7 @@ impl<'a> Run<'a> {
             self.plan.batches_per_epoch.to_string(),
         );
         put("ss_num_epochs", self.plan.num_epochs.to_string());
-        put("ss_gradient_checkpointing", b(false));
+        put("ss_gradient_checkpointing", b(cfg.gradient_checkpointing));
         put(
             "ss_gradient_accumulation_steps",
             cfg.gradient_accumulation_steps.to_string(),
