@@ -8,8 +8,8 @@
 //! by `sd_formats`' key tables, never inside model code.
 
 pub mod generate;
-pub mod lora;
 pub mod loader;
+pub mod lora;
 pub mod merge;
 pub mod models;
 pub mod schedule;
