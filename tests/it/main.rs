@@ -1,2 +1,5 @@
 
 mod resize_images;
+mod bad_inputs;
+mod interrupt;
+mod tools;
