@@ -1,5 +1,4 @@
-
-mod resize_images;
 mod bad_inputs;
 mod interrupt;
+mod resize_images;
 mod tools;

@@ -682,17 +682,25 @@ fn read_legacy(path: &Path, mmap: &[u8]) -> Result<Parts> {
 
 /// Whether `bytes` start like a pickle stream (protocol 2+ header).
 pub(crate) fn looks_like_pickle(bytes: &[u8]) -> bool {
-    bytes.len() >= 2 && bytes[0] == 0x80 && (2..=5).contains(&bytes[1]) && !looks_like_safetensors(bytes)
+    bytes.len() >= 2
+        && bytes[0] == 0x80
+        && (2..=5).contains(&bytes[1])
+        && !looks_like_safetensors(bytes)
 }
 
 /// A safetensors file whose header length happens to start with the bytes of a pickle
 /// protocol marker (`80 02..05`, i.e. a header of 640, 896, 1152 or 1408 bytes) is still a
 /// safetensors file: its length fits the file and its JSON header starts right after it.
 fn looks_like_safetensors(bytes: &[u8]) -> bool {
-    let Some(len) = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))) else {
+    let Some(len) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    else {
         return false;
     };
-    len.checked_add(8).is_some_and(|end| end <= bytes.len() as u64) && bytes.get(8) == Some(&b'{')
+    len.checked_add(8)
+        .is_some_and(|end| end <= bytes.len() as u64)
+        && bytes.get(8) == Some(&b'{')
 }
 
 #[cfg(test)]

@@ -68,5 +68,10 @@ fn body(parsed: args::Parsed) -> anyhow::Result<ExitCode> {
     for warning in &datasets.warnings {
         tracing::warn!("{warning}");
     }
-    run::run(&options, &datasets, parsed.args.dataset.json, &parsed.args.verbosity)
+    run::run(
+        &options,
+        &datasets,
+        parsed.args.dataset.json,
+        &parsed.args.verbosity,
+    )
 }
