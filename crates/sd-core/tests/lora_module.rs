@@ -6,6 +6,14 @@ use sd_formats::keymap::Component;
 use sd_testutil::assert_close;
 use tch::{Device, Kind, Tensor, nn};
 
+/// libtorch's global generator is shared by the test threads: tests that seed it and compare
+/// draws hold this lock, so a neighbour cannot draw in between.
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn to_vec(t: &Tensor) -> Vec<f32> {
     let t = t.to_kind(Kind::Float).contiguous().view([-1]);
     Vec::<f32>::try_from(&t).expect("f32 tensor")
@@ -72,6 +80,7 @@ fn random_module(layer: LayerKind, rank: i64, alpha: Option<f64>, seed: i64) -> 
 
 #[test]
 fn init_is_kaiming_uniform_down_and_zero_up() {
+    let _rng = rng_lock();
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let m = LoraModule::init(&vs.root(), &spec(conv(40, 24, 3, 1, 1), 8, 4.0));
@@ -99,6 +108,7 @@ fn init_is_kaiming_uniform_down_and_zero_up() {
 
 #[test]
 fn linear_forward_equals_delta_weight() {
+    let _rng = rng_lock();
     let mut m = random_module(linear(12, 10), 4, Some(2.0), 1);
     m.multiplier = 0.7;
     assert_eq!(m.scale(), 0.5);
@@ -114,6 +124,7 @@ fn linear_forward_equals_delta_weight() {
 
 #[test]
 fn conv3x3_forward_equals_conv_with_delta_weight() {
+    let _rng = rng_lock();
     for (stride, pad) in [(1, 1), (2, 1)] {
         let m = random_module(conv(6, 5, 3, stride, pad), 3, None, 2);
         assert_eq!(m.alpha(), 3.0, "absent alpha = rank");
@@ -139,6 +150,7 @@ fn conv3x3_forward_equals_conv_with_delta_weight() {
 
 #[test]
 fn conv1x1_accepts_2d_pairs_and_linear_accepts_4d_pairs() {
+    let _rng = rng_lock();
     let down = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
     let up = Tensor::randn([8, 4], (Kind::Float, Device::Cpu));
     let c = LoraModule::from_tensors(
@@ -195,6 +207,7 @@ fn conv1x1_accepts_2d_pairs_and_linear_accepts_4d_pairs() {
 
 #[test]
 fn delta_weight_is_f32_for_half_storage() {
+    let _rng = rng_lock();
     let m = random_module(linear(6, 4), 2, Some(1.0), 3);
     let h = LoraModule::from_tensors(
         "lora_unet_x",
@@ -217,6 +230,7 @@ fn delta_weight_is_f32_for_half_storage() {
 
 #[test]
 fn dropouts_follow_the_reference_in_training_only() {
+    let _rng = rng_lock();
     let mut m = random_module(linear(8, 6), 4, Some(4.0), 4);
     let x = Tensor::randn([3, 5, 8], (Kind::Float, Device::Cpu));
     let plain = m.forward_delta(&x, false).expect("runs");
