@@ -56,6 +56,10 @@ pub struct Args {
     /// Device for the arithmetic: cpu or cuda[:N].
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// The inputs must be SDXL (set by the `sdxl-merge-lora` alias): SD1/SD2 checkpoints and
+    /// LoRAs are refused, as sd-scripts' `sdxl_merge_lora.py` cannot load them.
+    #[arg(long, hide = true)]
+    pub sdxl: bool,
     /// sd-scripts' layer-block weights (SDXL script); not supported.
     #[arg(long, num_args = 0.., hide = true)]
     pub lbws: Vec<String>,

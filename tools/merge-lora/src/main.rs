@@ -15,11 +15,11 @@ use sd_core::merge::checkpoint::{
     CheckpointWriteOptions, LoraInput, plan_checkpoint_merge, write_merged_checkpoint,
 };
 use sd_core::merge::lora_lora::{LoraMergeOptions, LoraSource, merge_loras};
+use sd_core::merge::source::CheckpointSource;
 use sd_core::merge::{input_title, is_same_file, now_iso, parse_device};
 use sd_formats::dtype::Dtype;
 use sd_formats::family::ModelFamily;
 use sd_formats::metadata::{ModelSpecInput, PyValue, py_float_repr};
-use sd_formats::tensor_file::TensorFile;
 
 fn main() -> ExitCode {
     let args = args::Args::parse();
@@ -46,6 +46,9 @@ fn run(args: &args::Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(r) = args.ratios.iter().find(|r| !r.is_finite()) {
         bail!("ratio {r} is not a finite number");
+    }
+    if args.sdxl && args.v2 {
+        bail!("--v2 is not an option of sdxl-merge-lora (SDXL checkpoints only)");
     }
     if !args.lbws.is_empty() {
         bail!("--lbws (layer-block weights) is unsupported by this tool");
@@ -76,6 +79,15 @@ fn run(args: &args::Args) -> anyhow::Result<ExitCode> {
     for (path, &ratio) in args.models.iter().zip(&args.ratios) {
         let weights = LoraWeights::load(path, &LoadOptions::default())
             .with_context(|| format!("loading LoRA {}", path.display()))?;
+        if args.sdxl
+            && let Some(f) = weights.family
+            && f != ModelFamily::Sdxl
+        {
+            bail!(
+                "{} is a LoRA for {f}; sdxl-merge-lora merges SDXL LoRAs only (use merge-lora); nothing was written",
+                path.display()
+            );
+        }
         loras.push(LoraInput {
             path: path.clone(),
             ratio,
@@ -97,14 +109,23 @@ fn into_checkpoint(
     if args.concat || args.shuffle || args.reference_compatible {
         tracing::warn!("--concat/--shuffle/--reference_compatible have no effect with --sd_model");
     }
-    if model.is_dir() {
-        bail!(
-            "--sd_model {}: Diffusers folders are not supported yet; give a single-file .safetensors or .ckpt checkpoint",
+    let ckpt = CheckpointSource::open(model)
+        .with_context(|| format!("reading checkpoint {}", model.display()))?;
+    if ckpt.is_diffusers() {
+        tracing::info!(
+            "{} is a Diffusers folder: the output is a single-file checkpoint (as sd-scripts writes)",
             model.display()
         );
     }
-    let ckpt = TensorFile::open(model)
-        .with_context(|| format!("reading checkpoint {}", model.display()))?;
+    if args.sdxl {
+        let family = ckpt.family()?;
+        if family != ModelFamily::Sdxl {
+            bail!(
+                "{} is an {family} checkpoint; sdxl-merge-lora merges into SDXL checkpoints only (use merge-lora); nothing was written",
+                model.display(),
+            );
+        }
+    }
     let plan = plan_checkpoint_merge(&ckpt, loras)
         .with_context(|| format!("checking LoRAs against {}", model.display()))?;
     if args.v2 != (plan.family == ModelFamily::Sd2) && plan.family != ModelFamily::Sdxl {
@@ -279,9 +300,10 @@ fn lora_plus_lora(args: &args::Args, loras: &[LoraInput]) -> anyhow::Result<Exit
             meta.insert(key.to_string(), v.clone());
         }
     }
-    let sdxl = meta
-        .get("ss_base_model_version")
-        .is_some_and(|v| v.to_ascii_lowercase().starts_with("sdxl"))
+    let sdxl = args.sdxl
+        || meta
+            .get("ss_base_model_version")
+            .is_some_and(|v| v.to_ascii_lowercase().starts_with("sdxl"))
         || loras
             .iter()
             .any(|l| l.weights.family == Some(ModelFamily::Sdxl));

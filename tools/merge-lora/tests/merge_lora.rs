@@ -546,3 +546,228 @@ fn merges_into_sd2_openclip_in_proj() {
     // fp16 output (the checkpoint's dtype): compare at fp16 precision.
     assert_close(key, &vec_of(&tensor(&got, key)), &vec_of(&want), 2e-3, 2e-3);
 }
+
+/// Every key of `a` and `b` (except `skip`) with identical dtype, shape and bytes.
+fn assert_same_tensors(a: &Path, b: &Path, skip: &[&str]) {
+    let (fa, fb) = (
+        TensorFile::open(a).expect("a"),
+        TensorFile::open(b).expect("b"),
+    );
+    let mut ka: Vec<&str> = fa.sorted_names();
+    let mut kb: Vec<&str> = fb.sorted_names();
+    ka.retain(|k| !skip.contains(k));
+    kb.retain(|k| !skip.contains(k));
+    assert_eq!(ka, kb, "key sets of {} and {}", a.display(), b.display());
+    for k in ka {
+        assert_eq!(fa.info(k), fb.info(k), "{k}");
+        assert!(
+            fa.data(k).expect("data") == fb.data(k).expect("data"),
+            "{k} differs"
+        );
+    }
+}
+
+#[test]
+fn diffusers_folder_input_equals_single_file_input() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // (folder, single file, LoRA, keys only a single file holds)
+    let cases = [
+        (
+            "tiny-sd15",
+            "tiny-sd15.safetensors",
+            "lora/lora-sd15.safetensors",
+            vec![],
+        ),
+        (
+            "tiny-sdxl",
+            "tiny-sdxl.safetensors",
+            "lora/lora-sdxl.safetensors",
+            // Diffusers has no OpenCLIP logit_scale; sd-scripts leaves it out without a
+            // reference checkpoint too.
+            vec!["conditioner.embedders.1.model.logit_scale"],
+        ),
+    ];
+    for (folder, file, lora, only_file) in cases {
+        let from_dir = dir.path().join(format!("{folder}-dir.safetensors"));
+        let from_file = dir.path().join(format!("{folder}-file.safetensors"));
+        for (model, out) in [(folder, &from_dir), (file, &from_file)] {
+            let log = ok(&[
+                "--sd_model",
+                s(&fixture(model)),
+                "--models",
+                s(&fixture(lora)),
+                "--ratios",
+                "0.8",
+                "--save_to",
+                s(out),
+            ]);
+            if model == folder {
+                assert!(log.contains("is a Diffusers folder"), "{log}");
+            }
+        }
+        assert_same_tensors(&from_dir, &from_file, &only_file);
+    }
+}
+
+#[test]
+fn sdxl_merge_lora_alias_runs_merge_lora_for_sdxl_only() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alias = env!("CARGO_BIN_EXE_sdxl-merge-lora");
+    let run = |args: &[&str]| {
+        Command::new(alias)
+            .args(args)
+            .env("OMP_NUM_THREADS", "1")
+            .output()
+            .expect("sdxl-merge-lora runs")
+    };
+    let (a, b) = (
+        dir.path().join("alias.safetensors"),
+        dir.path().join("tool.safetensors"),
+    );
+    let common = |out: &Path| -> Vec<String> {
+        [
+            "--sd_model",
+            s(&fixture("tiny-sdxl.safetensors")),
+            "--models",
+            s(&fixture("lora/lora-sdxl.safetensors")),
+            "--ratios",
+            "0.7",
+            "--no_metadata",
+            "--save_to",
+            s(out),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let args_a = common(&a);
+    let o = run(&args_a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let args_b = common(&b);
+    ok(&args_b.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_same_tensors(&a, &b, &[]);
+
+    // SD1 inputs are refused, nothing written.
+    let out = dir.path().join("no.safetensors");
+    let (sd15, xl_lora, sd15_lora) = (
+        fixture("tiny-sd15.safetensors"),
+        fixture("lora/lora-sdxl.safetensors"),
+        fixture("lora/lora-sd15.safetensors"),
+    );
+    let cases: [(Vec<&str>, &str); 3] = [
+        (
+            vec![
+                "--sd_model",
+                s(&sd15),
+                "--models",
+                s(&xl_lora),
+                "--ratios",
+                "1",
+            ],
+            "merges into SDXL checkpoints only",
+        ),
+        (
+            vec!["--models", s(&sd15_lora), "--ratios", "1"],
+            "merges SDXL LoRAs only",
+        ),
+        (
+            vec!["--v2", "--models", s(&xl_lora), "--ratios", "1"],
+            "--v2 is not an option of sdxl-merge-lora",
+        ),
+    ];
+    for (mut args, msg) in cases {
+        args.extend(["--save_to", s(&out)]);
+        let o = run(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(msg), "{args:?}: expected {msg:?} in {err}");
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn unmatched_modules_are_listed_and_the_rest_applied() {
+    use sd_formats::safetensors::{TensorToWrite, write_safetensors};
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = TensorFile::open(fixture("lora/lora-sd15.safetensors")).expect("lora");
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = src
+        .names()
+        .iter()
+        .map(|n| {
+            let i = src.info(n).expect("info");
+            (
+                n.clone(),
+                i.dtype,
+                i.shape.clone(),
+                src.data(n).expect("data").to_vec(),
+            )
+        })
+        .collect();
+    // Two modules that exist in no SD1 model.
+    let up_key = "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight";
+    let down_key = "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight";
+    let alpha_key = "lora_unet_down_blocks_0_attentions_0_proj_in.alpha";
+    for fake in [
+        "lora_unet_no_such_block_proj",
+        "lora_te_text_model_no_such_layer",
+    ] {
+        for (from, suffix) in [
+            (up_key, ".lora_up.weight"),
+            (down_key, ".lora_down.weight"),
+            (alpha_key, ".alpha"),
+        ] {
+            let i = src.info(from).expect("info");
+            owned.push((
+                format!("{fake}{suffix}"),
+                i.dtype,
+                i.shape.clone(),
+                src.data(from).expect("data").to_vec(),
+            ));
+        }
+    }
+    let views: Vec<TensorToWrite<'_>> = owned
+        .iter()
+        .map(|(n, d, s, b)| TensorToWrite::new(n.clone(), *d, s.clone(), b.as_slice()))
+        .collect();
+    let lora = dir.path().join("extra.safetensors");
+    write_safetensors(&lora, &views, Some(src.metadata())).expect("write");
+    let out = dir.path().join("m.safetensors");
+    let log = ok(&[
+        "--sd_model",
+        s(&fixture("tiny-sd15.safetensors")),
+        "--models",
+        s(&lora),
+        "--ratios",
+        "0.8",
+        "--save_to",
+        s(&out),
+    ]);
+    assert!(log.contains("applied unet 192, text_encoder 72"), "{log}");
+    assert!(
+        log.contains(
+            "2 module(s) matched nothing in the checkpoint: lora_te_text_model_no_such_layer, lora_unet_no_such_block_proj"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains("output dtype: each tensor keeps its input dtype; 264 key(s) change"),
+        "{log}"
+    );
+    // The matched modules give the same file as the plain LoRA.
+    let plain = dir.path().join("plain.safetensors");
+    ok(&[
+        "--sd_model",
+        s(&fixture("tiny-sd15.safetensors")),
+        "--models",
+        s(&fixture("lora/lora-sd15.safetensors")),
+        "--ratios",
+        "0.8",
+        "--no_metadata",
+        "--save_to",
+        s(&plain),
+    ]);
+    assert_same_tensors(&out, &plain, &[]);
+}

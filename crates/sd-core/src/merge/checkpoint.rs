@@ -18,14 +18,14 @@ use std::path::{Path, PathBuf};
 use sd_formats::dtype::Dtype;
 use sd_formats::family::ModelFamily;
 use sd_formats::keymap::{Component, KeyMap, normalize_ldm_key};
-use sd_formats::tensor_file::TensorFile;
 use tch::{Device, Kind, Tensor};
 
+use super::source::{CheckpointSource, tensor_bytes};
 use super::stream::{TensorSpec, write_streaming};
 use super::targets::{Target, lora_targets};
 use super::{MergeError, Result, preview};
 use crate::lora::LoraWeights;
-use crate::tensor::{dtype_of, from_bytes, kind_of};
+use crate::tensor::{from_bytes, kind_of};
 
 /// One LoRA to merge: where it came from, its weight in the merge, its modules.
 #[derive(Debug)]
@@ -157,14 +157,12 @@ pub fn delta_weight(
 /// checkpoint or the reverse), when a LoRA matches no module of the checkpoint, when modules
 /// do not fit the target shapes (listing them: e.g. an SD1 LoRA into SD2), or when a LoRA
 /// tensor holds NaN/Inf; [`MergeError::KeyMap`] when the checkpoint's keys fit no layout.
-pub fn plan_checkpoint_merge(ckpt: &TensorFile, loras: &[LoraInput]) -> Result<CheckpointPlan> {
+pub fn plan_checkpoint_merge(
+    ckpt: &CheckpointSource,
+    loras: &[LoraInput],
+) -> Result<CheckpointPlan> {
     let cpath = ckpt.path().display().to_string();
-    let family = ModelFamily::detect_ldm(
-        ckpt.names()
-            .iter()
-            .filter_map(|n| ckpt.info(n).map(|i| (n.as_str(), i.shape.as_slice()))),
-        &cpath,
-    )?;
+    let family = ckpt.family()?;
     let normalized: Vec<String> = ckpt
         .names()
         .iter()
@@ -284,22 +282,13 @@ pub struct CheckpointWriteOptions {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
-fn tensor_bytes(t: &Tensor) -> Vec<u8> {
-    let t = t.to_device(Device::Cpu).contiguous();
-    let numel = t.numel();
-    let size = dtype_of(t.kind()).map_or(4, Dtype::size);
-    let mut bytes = vec![0u8; numel * size];
-    t.copy_data_u8(&mut bytes, numel);
-    bytes
-}
-
 /// Streams the merged checkpoint to `out` (safetensors); `progress(done, total)` is called
 /// after each key. Returns the bytes written.
 ///
 /// # Errors
 /// [`MergeError::Invalid`] for a key whose dtype libtorch cannot hold; the writer's errors.
 pub fn write_merged_checkpoint(
-    ckpt: &TensorFile,
+    ckpt: &CheckpointSource,
     plan: &CheckpointPlan,
     loras: &[LoraInput],
     out: &Path,
@@ -330,16 +319,16 @@ pub fn write_merged_checkpoint(
         let data = ckpt.data(name)?;
         let out_dtype = out_dtypes[i];
         let result = match plan.deltas.get(name) {
-            None if out_dtype == info.dtype => Cow::Borrowed(data),
+            None if out_dtype == info.dtype => data,
             None => {
-                let t =
-                    from_bytes(name, info.dtype, &info.shape, data).map_err(MergeError::Invalid)?;
+                let t = from_bytes(name, info.dtype, &info.shape, &data)
+                    .map_err(MergeError::Invalid)?;
                 let kind = kind_of(out_dtype).expect("float dtypes have kinds");
                 Cow::Owned(tensor_bytes(&t.to_kind(kind)))
             }
             Some(list) => {
-                let base =
-                    from_bytes(name, info.dtype, &info.shape, data).map_err(MergeError::Invalid)?;
+                let base = from_bytes(name, info.dtype, &info.shape, &data)
+                    .map_err(MergeError::Invalid)?;
                 let mut w = base.to_device(opts.device).to_kind(Kind::Float);
                 for d in list {
                     let lora = &loras[d.lora];

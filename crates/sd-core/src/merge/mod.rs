@@ -5,6 +5,8 @@
 //! - [`targets`]: LoRA module name → single-file key and row block, from the key tables.
 //! - [`checkpoint`]: ΔW into a single-file checkpoint, streamed key by key from the mmap'd
 //!   input, untouched keys copied byte for byte.
+//! - [`source`]: the checkpoint read by a merge, a single file or a Diffusers folder under
+//!   single-file keys.
 //! - [`lora_lora`]: LoRA + LoRA (exact by default, the reference's arithmetic on request).
 //! - [`svd`]: truncated SVD with the reference's quantile clamp; svd-merge; extraction.
 //! - [`stream`]: a safetensors writer that asks for each tensor's bytes only when it writes
@@ -18,6 +20,7 @@
 pub mod checkpoint;
 pub mod extract;
 pub mod lora_lora;
+pub mod source;
 pub mod stream;
 pub mod svd;
 pub mod targets;
