@@ -1,5 +1,6 @@
 //! gen-img end to end on the tiny SD1.5 fixture: files, names, PNG metadata, JSON lines,
-//! seeds from --seed (Python semantics), LoRA with per-prompt --am, and refused inputs.
+//! seeds from --seed (Python semantics), LoRA with per-prompt --am, the pndm and dpmsingle
+//! samplers, and refused inputs.
 
 use std::path::Path;
 use std::process::Command;
@@ -178,4 +179,80 @@ fn refuses_bad_inputs_with_messages() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("no prompt"));
     let o = gen_img(&["--ckpt", m, "--prompt", "x", "--image_path", "a.png"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("not supported"));
+}
+
+/// Decodes an 8-bit RGB PNG to its pixel bytes.
+fn pixels(path: &Path) -> Vec<u8> {
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(path).expect("png opens"),
+    ));
+    let mut reader = decoder.read_info().expect("png header");
+    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut buf).expect("png frame");
+    buf.truncate(info.buffer_size());
+    buf
+}
+
+#[test]
+fn pndm_and_dpmsingle_generate_images() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture("tiny-sd15");
+    for (sampler, steps) in [("pndm", "4"), ("dpmsingle", "3")] {
+        let out = dir.path().join(sampler);
+        let o = gen_img(&[
+            "--ckpt",
+            model.to_str().expect("utf-8"),
+            "--prompt",
+            "a photo of a cat --n blurry",
+            "--W",
+            "32",
+            "--H",
+            "32",
+            "--steps",
+            steps,
+            "--sampler",
+            sampler,
+            "--seed",
+            "7",
+            "--sequential_file_name",
+            "--outdir",
+            out.to_str().expect("utf-8"),
+            "--device",
+            "cpu",
+            "--json",
+        ]);
+        assert!(
+            o.status.success(),
+            "{sampler}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let line: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON line");
+        assert_eq!(line["sampler"], sampler, "{line}");
+        let file = out.join("im_000001.png");
+        assert_eq!(text(&file, "sampler").as_deref(), Some(sampler));
+        assert_eq!(text(&file, "steps").as_deref(), Some(steps));
+        // Non-finite latents decode to one flat colour; a real image has many values.
+        let px = pixels(&file);
+        assert_eq!(px.len(), 32 * 32 * 3);
+        let distinct: std::collections::BTreeSet<u8> = px.iter().copied().collect();
+        assert!(
+            distinct.len() > 16,
+            "{sampler}: {} distinct values",
+            distinct.len()
+        );
+    }
+    let o = gen_img(&[
+        "--ckpt",
+        model.to_str().expect("utf-8"),
+        "--prompt",
+        "x",
+        "--steps",
+        "3",
+        "--sampler",
+        "pndm",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("at least 4 steps"));
 }

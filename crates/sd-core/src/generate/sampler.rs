@@ -14,7 +14,9 @@
 //! generation.md §3; diffusers 0.32 `DDIMScheduler`, `EulerDiscreteScheduler`,
 //! `EulerAncestralDiscreteScheduler`, `HeunDiscreteScheduler`, `LMSDiscreteScheduler`,
 //! `KDPM2DiscreteScheduler`, `KDPM2AncestralDiscreteScheduler`,
-//! `DPMSolverMultistepScheduler`; k-diffusion `sampling.py` (`sample_heun`, `sample_dpm_2`,
+//! `DPMSolverMultistepScheduler`, `PNDMScheduler` (PRK warm-up, then PLMS),
+//! `DPMSolverSinglestepScheduler`; Liu et al. 2022, "Pseudo Numerical Methods for Diffusion
+//! Models" (eq. 9, 12, 13); k-diffusion `sampling.py` (`sample_heun`, `sample_dpm_2`,
 //! `sample_dpm_2_ancestral`, `get_ancestral_step`); Lu et al. 2022, "DPM-Solver++" (eq. for
 //! 2M).
 
@@ -31,7 +33,8 @@ use crate::schedule::{NoiseSchedule, PredictionType};
 pub enum SamplerKind {
     /// `ddim`: DDIM with η = 0.
     Ddim,
-    /// `pndm`: PRK warm-up + PLMS (not implemented; refused with an error).
+    /// `pndm`: PNDM — three pseudo Runge–Kutta steps (4 calls each), then 4th-order pseudo
+    /// linear multistep; needs at least 4 steps.
     Pndm,
     /// `lms`, `k_lms`: linear multistep of order 4 on σ.
     Lms,
@@ -49,7 +52,7 @@ pub enum SamplerKind {
     DpmSolver,
     /// `dpmsolver++`: DPM-Solver++ (data prediction) 2M.
     DpmSolverPlusPlus,
-    /// `dpmsingle`: DPM-Solver single-step (not implemented; refused with an error).
+    /// `dpmsingle`: DPM-Solver++ single-step of order 2 (orders 1, 2, 1, 2, …, last step 1).
     DpmSingle,
 }
 
@@ -170,7 +173,8 @@ pub struct SamplerConfig {
 impl SamplerConfig {
     /// gen_img's scheduler for `kind` (generation.md §3.1): diffusers defaults with
     /// `steps_offset` 1 (not for dpmsingle), `clip_sample` false; DDIM/PNDM "leading", the
-    /// others "linspace" spacing.
+    /// others "linspace" spacing; `set_alpha_to_one` true for DDIM, false for PNDM (the
+    /// diffusers defaults).
     pub fn gen_img(kind: SamplerKind, prediction: PredictionType) -> Self {
         let spacing = match kind {
             SamplerKind::Ddim | SamplerKind::Pndm => Spacing::Leading,
@@ -182,7 +186,7 @@ impl SamplerConfig {
             spacing,
             steps_offset: if kind == SamplerKind::DpmSingle { 0 } else { 1 },
             clip_sample: false,
-            set_alpha_to_one: true,
+            set_alpha_to_one: kind != SamplerKind::Pndm,
             zero_terminal_snr: false,
         }
     }
@@ -221,6 +225,17 @@ pub struct Sampler {
     /// (Heun/DPM2).
     history: Vec<Tensor>,
     stage_sample: Option<(Tensor, Tensor)>,
+    /// PNDM: number of PRK calls (12); they come first.
+    prk_calls: usize,
+    /// PNDM: the PRK base timestep of each PRK call.
+    prk_base: Vec<f64>,
+    /// PNDM: the weighted sum of the PRK outputs of the current Runge–Kutta step.
+    prk_sum: Option<Tensor>,
+    /// PNDM: sample at the start of the Runge–Kutta step; dpmsingle: sample at the start of
+    /// the current single-step (order 1 or 2) update.
+    step_start: Option<Tensor>,
+    /// dpmsingle: solver order of each step.
+    orders: Vec<u8>,
 }
 
 impl fmt::Debug for Sampler {
@@ -279,18 +294,17 @@ impl Sampler {
     /// Sets the sampler up for `steps` steps.
     ///
     /// # Errors
-    /// [`GenerateError::Invalid`] for 0 steps, more than 1000, or an unimplemented sampler
-    /// (`pndm`, `dpmsingle`).
+    /// [`GenerateError::Invalid`] for 0 steps, more than 1000, or `pndm` with fewer than 4
+    /// steps (diffusers' PNDM fails there: its Runge–Kutta warm-up needs 4 grid points).
     pub fn new(config: SamplerConfig, steps: usize) -> Result<Self> {
         if steps == 0 || steps > 1000 {
             return Err(GenerateError::Invalid(format!(
                 "steps must be in 1..=1000, found {steps}"
             )));
         }
-        if matches!(config.kind, SamplerKind::Pndm | SamplerKind::DpmSingle) {
+        if config.kind == SamplerKind::Pndm && steps < 4 {
             return Err(GenerateError::Invalid(format!(
-                "sampler \"{}\" is not implemented yet: use ddim, euler, euler_a, lms, heun, dpm_2, dpm_2_a, dpmsolver or dpmsolver++",
-                config.kind
+                "sampler \"pndm\" needs at least 4 steps (its Runge-Kutta warm-up covers 3), found {steps}"
             )));
         }
         let mut schedule = NoiseSchedule::stable_diffusion();
@@ -312,6 +326,11 @@ impl Sampler {
             calls: Vec::new(),
             history: Vec::new(),
             stage_sample: None,
+            prk_calls: 0,
+            prk_base: Vec::new(),
+            prk_sum: None,
+            step_start: None,
+            orders: Vec::new(),
         };
         match config.kind {
             SamplerKind::Ddim => {
@@ -325,7 +344,8 @@ impl Sampler {
                     })
                     .collect();
             }
-            SamplerKind::DpmSolver | SamplerKind::DpmSolverPlusPlus => {
+            SamplerKind::Pndm => s.pndm_grid(n, n_train),
+            SamplerKind::DpmSolver | SamplerKind::DpmSolverPlusPlus | SamplerKind::DpmSingle => {
                 let ts: Vec<f64> = match config.spacing {
                     Spacing::Leading => {
                         let ratio = n_train / (n + 1);
@@ -347,13 +367,16 @@ impl Sampler {
                         .collect(),
                 };
                 let mut sigmas: Vec<f64> = ts.iter().map(|&t| interp(t, &sigma_table)).collect();
-                // dpmsolver++ ends at σ = 0; noise-prediction dpmsolver cannot (0·∞), so it
-                // ends at σ_min as diffusers requires for it ("sigma_min").
-                sigmas.push(if config.kind == SamplerKind::DpmSolverPlusPlus {
-                    0.0
-                } else {
+                // dpmsolver++ and dpmsingle end at σ = 0; noise-prediction dpmsolver cannot
+                // (0·∞), so it ends at σ_min as diffusers requires for it ("sigma_min").
+                sigmas.push(if config.kind == SamplerKind::DpmSolver {
                     sigma_table[0]
+                } else {
+                    0.0
                 });
+                if config.kind == SamplerKind::DpmSingle {
+                    s.orders = dpm_single_orders(steps);
+                }
                 s.calls = ts
                     .iter()
                     .zip(&sigmas)
@@ -390,6 +413,35 @@ impl Sampler {
             }
         }
         Ok(s)
+    }
+
+    /// PNDM's U-Net calls (diffusers `PNDMScheduler.set_timesteps` with PRK steps): with the
+    /// integer grid t_0 < … < t_{N−1} and h = (1000 // N) // 2, three Runge–Kutta steps over
+    /// the 4 highest grid points (calls at t, t−h, t−h, t−2h each), then one PLMS call per
+    /// remaining grid point t_{N−4} … t_0.
+    fn pndm_grid(&mut self, n: i64, n_train: i64) {
+        let mut asc = Self::int_grid(self.config, n, n_train);
+        asc.reverse();
+        let half = (n_train / n / 2) as f64;
+        let top = &asc[asc.len() - 4..];
+        // [t, t+h] per grid point, last dropped, each doubled, first and last dropped, reversed.
+        let mut pairs: Vec<f64> = top.iter().flat_map(|&t| [t, t + half]).collect();
+        pairs.pop();
+        let doubled: Vec<f64> = pairs.iter().flat_map(|&t| [t, t]).collect();
+        let mut prk: Vec<f64> = doubled[1..doubled.len() - 1].to_vec();
+        prk.reverse();
+        self.prk_calls = prk.len();
+        self.prk_base = (0..prk.len()).map(|c| prk[c / 4 * 4]).collect();
+        let plms: Vec<f64> = asc[..asc.len() - 3].iter().rev().copied().collect();
+        self.step_timesteps = prk.iter().chain(&plms).copied().collect();
+        self.calls = self
+            .step_timesteps
+            .iter()
+            .map(|&t| Call {
+                timestep: t,
+                sigma_in: 0.0,
+            })
+            .collect();
     }
 
     /// Leading or trailing integer grid (DDIM, and σ samplers with those spacings).
@@ -463,7 +515,8 @@ impl Sampler {
         self.steps
     }
 
-    /// The timestep of each step (diffusers' `timesteps` for single-call samplers).
+    /// The timestep of each step (diffusers' `timesteps` for single-call samplers; for PNDM
+    /// the timestep of each call, as diffusers lists them).
     pub fn timesteps(&self) -> &[f64] {
         &self.step_timesteps
     }
@@ -511,11 +564,15 @@ impl Sampler {
         }
     }
 
-    /// The factor the start noise N(0, I) is multiplied by: 1 for DDIM and DPM-Solver,
+    /// The factor the start noise N(0, I) is multiplied by: 1 for DDIM, PNDM and DPM-Solver,
     /// σ_max for linspace/trailing σ samplers, √(σ_max² + 1) for leading ones.
     pub fn init_noise_sigma(&self) -> f64 {
         match self.config.kind {
-            SamplerKind::Ddim | SamplerKind::DpmSolver | SamplerKind::DpmSolverPlusPlus => 1.0,
+            SamplerKind::Ddim
+            | SamplerKind::Pndm
+            | SamplerKind::DpmSolver
+            | SamplerKind::DpmSolverPlusPlus
+            | SamplerKind::DpmSingle => 1.0,
             _ => {
                 let max = self.sigmas.iter().copied().fold(0.0, f64::max);
                 if self.config.spacing == Spacing::Leading {
@@ -533,9 +590,11 @@ impl Sampler {
     /// `x` [B, 4, h, w] → same shape and dtype.
     pub fn scale_model_input(&self, x: &Tensor, call: usize) -> Tensor {
         match self.config.kind {
-            SamplerKind::Ddim | SamplerKind::DpmSolver | SamplerKind::DpmSolverPlusPlus => {
-                x.shallow_clone()
-            }
+            SamplerKind::Ddim
+            | SamplerKind::Pndm
+            | SamplerKind::DpmSolver
+            | SamplerKind::DpmSolverPlusPlus
+            | SamplerKind::DpmSingle => x.shallow_clone(),
             _ => {
                 let s = self.calls[call].sigma_in;
                 x / (s * s + 1.0).sqrt()
@@ -589,9 +648,135 @@ impl Sampler {
             SamplerKind::Heun | SamplerKind::Dpm2 | SamplerKind::Dpm2Ancestral => {
                 self.step_second_order(call, &out, &x, noise)
             }
-            SamplerKind::Pndm | SamplerKind::DpmSingle => {
-                unreachable!("refused in Sampler::new")
+            SamplerKind::Pndm => self.step_pndm(call, &out, &x),
+            SamplerKind::DpmSingle => self.step_dpm_single(call, &out, &x),
+        }
+    }
+
+    /// PNDM's transfer from `t` to `prev` (Liu et al. eq. 9; diffusers `_get_prev_sample`):
+    /// x_prev = √(ᾱ_prev/ᾱ_t)·x − (ᾱ_prev − ᾱ_t)·ε / (ᾱ_t·√(1−ᾱ_prev) + √(ᾱ_t(1−ᾱ_t)ᾱ_prev)),
+    /// with ᾱ_prev = ᾱ₀ (or 1 with `set_alpha_to_one`) below 0 and ε = √ᾱ_t·v + √(1−ᾱ_t)·x
+    /// for v-prediction.
+    fn pndm_transfer(&self, x: &Tensor, t: f64, prev: f64, out: &Tensor) -> Tensor {
+        let a_t = self.alphas_cumprod[(t as usize).min(self.alphas_cumprod.len() - 1)];
+        let a_prev = if prev >= 0.0 {
+            self.alphas_cumprod[prev as usize]
+        } else if self.config.set_alpha_to_one {
+            1.0
+        } else {
+            self.alphas_cumprod[0]
+        };
+        let eps = match self.config.prediction {
+            PredictionType::Epsilon => out.shallow_clone(),
+            PredictionType::VPrediction => out * a_t.sqrt() + x * (1.0 - a_t).sqrt(),
+        };
+        let denom = a_t * (1.0 - a_prev).sqrt() + (a_t * (1.0 - a_t) * a_prev).sqrt();
+        x * (a_prev / a_t).sqrt() - eps * ((a_prev - a_t) / denom)
+    }
+
+    /// PNDM (diffusers `step_prk` / `step_plms` without skipped PRK steps).
+    fn step_pndm(&mut self, call: usize, out: &Tensor, x: &Tensor) -> Tensor {
+        let t = self.calls[call].timestep;
+        let ratio = (self.alphas_cumprod.len() / self.steps) as f64;
+        if call < self.prk_calls {
+            // 1. Pseudo Runge–Kutta: the 4 calls of one step evaluate at t, t−h, t−h, t−2h;
+            //    each moves from the step's start sample, the last with the weighted sum
+            //    (1/6, 1/3, 1/3, 1/6) of the 4 outputs.
+            let prev = if call % 2 == 1 {
+                t
+            } else {
+                t - (ratio / 2.0).floor()
+            };
+            let base = self.prk_base[call];
+            let used = match call % 4 {
+                0 => {
+                    self.prk_sum = Some(out * (1.0 / 6.0));
+                    self.history.push(out.shallow_clone());
+                    self.step_start = Some(x.shallow_clone());
+                    out.shallow_clone()
+                }
+                1 | 2 => {
+                    let sum = self
+                        .prk_sum
+                        .take()
+                        .expect("set at the first call of a PRK step");
+                    self.prk_sum = Some(sum + out * (1.0 / 3.0));
+                    out.shallow_clone()
+                }
+                _ => {
+                    let sum = self
+                        .prk_sum
+                        .take()
+                        .expect("set at the first call of a PRK step");
+                    sum + out * (1.0 / 6.0)
+                }
+            };
+            let start = self.step_start.as_ref().expect("set at the first PRK call");
+            self.pndm_transfer(start, base, prev, &used)
+        } else {
+            // 2. Pseudo linear multistep of order 4 over the last 4 outputs (the PRK steps
+            //    leave 3).
+            self.history.push(out.shallow_clone());
+            if self.history.len() > 4 {
+                let _ = self.history.remove(0);
             }
+            let e = &self.history;
+            let combined = match e.len() {
+                1 => e[0].shallow_clone(),
+                2 => (&e[1] * 3.0 - &e[0]) / 2.0,
+                3 => (&e[2] * 23.0 - &e[1] * 16.0 + &e[0] * 5.0) / 12.0,
+                _ => (&e[3] * 55.0 - &e[2] * 59.0 + &e[1] * 37.0 - &e[0] * 9.0) / 24.0,
+            };
+            self.pndm_transfer(x, t, t - ratio, &combined)
+        }
+    }
+
+    /// DPM-Solver++ single-step, order 2, midpoint (diffusers `DPMSolverSinglestepScheduler`
+    /// with `lower_order_final`, which it forces when the final σ is 0).
+    ///
+    /// An order-1 step saves its start sample x_s1 and moves to σ_{i+1}; the following
+    /// order-2 step restarts from x_s1 and goes to σ_{i+1} using the outputs at σ_{i−1} and
+    /// σ_i: with h = λ_t − λ_s1, r₀ = (λ_s0 − λ_s1)/h, D₀ = m_{s1}, D₁ = (m_{s0} − m_{s1})/r₀,
+    /// x_t = (s_t/s_s1)·x_s1 − α_t(e^{−h} − 1)·D₀ − ½·α_t(e^{−h} − 1)·D₁.
+    fn step_dpm_single(&mut self, call: usize, out: &Tensor, x: &Tensor) -> Tensor {
+        let alpha_s = |s: f64| {
+            let a = 1.0 / (s * s + 1.0).sqrt();
+            (a, s * a)
+        };
+        let lambda = |(a, s): (f64, f64)| a.ln() - s.ln();
+        let sigma_s0 = self.sigmas[call];
+        let (a_s0, s_s0) = alpha_s(sigma_s0);
+        let m = match self.config.prediction {
+            PredictionType::Epsilon => (x - out * s_s0) / a_s0,
+            PredictionType::VPrediction => x * a_s0 - out * s_s0,
+        };
+        self.history.push(m);
+        if self.history.len() > 2 {
+            let _ = self.history.remove(0);
+        }
+        let mut order = self.orders[call];
+        if order == 2 && self.history.len() < 2 {
+            order = 1;
+        }
+        if order == 1 {
+            self.step_start = Some(x.shallow_clone());
+        }
+        let start = self.step_start.as_ref().expect("set at the order-1 step");
+        let (a_t, s_t) = alpha_s(self.sigmas[call + 1]);
+        let l_t = lambda((a_t, s_t));
+        if order == 1 {
+            let h = l_t - lambda((a_s0, s_s0));
+            let m0 = &self.history[self.history.len() - 1];
+            start * (s_t / s_s0) - m0 * (a_t * ((-h).exp() - 1.0))
+        } else {
+            let (a_s1, s_s1) = alpha_s(self.sigmas[call - 1]);
+            let l_s1 = lambda((a_s1, s_s1));
+            let h = l_t - l_s1;
+            let r0 = (lambda((a_s0, s_s0)) - l_s1) / h;
+            let (m1, m0) = (&self.history[0], &self.history[1]);
+            let d1 = (m0 - m1) * (1.0 / r0);
+            let c = a_t * ((-h).exp() - 1.0);
+            start * (s_t / s_s1) - m1 * c - d1 * (0.5 * c)
         }
     }
 
@@ -736,6 +921,16 @@ impl Sampler {
             }
         }
     }
+}
+
+/// Solver order per step of dpmsingle (diffusers `get_order_list` with solver order 2 and
+/// `lower_order_final`): [1, 2] repeated, ending [1, 1] for even N and [1] for odd N.
+fn dpm_single_orders(steps: usize) -> Vec<u8> {
+    let mut orders: Vec<u8> = (0..steps).map(|i| if i % 2 == 0 { 1 } else { 2 }).collect();
+    if let Some(last) = orders.last_mut() {
+        *last = 1;
+    }
+    orders
 }
 
 /// diffusers' `_sigma_to_t`: the fractional timestep whose log σ is `sigma`'s, by linear
