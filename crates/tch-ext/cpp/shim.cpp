@@ -19,6 +19,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
 
+#include <dlfcn.h>
+
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -240,5 +242,27 @@ void tchext_free_outputs(tensor *outputs) { std::free(outputs); }
 
 // Whether autograd records operations on this thread (at::GradMode::is_enabled).
 int tchext_grad_mode_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
+
+// Free and total bytes of CUDA device `device` (cudaMemGetInfo). The CUDA runtime is looked up
+// among the libraries already loaded (libtorch links libcudart dynamically), so this needs no CUDA
+// headers and no CUDA at build time. Returns 0 on success; -1 when no CUDA runtime is loaded,
+// otherwise the CUDA error code (e.g. no device or no driver). The calling thread's current device
+// is restored.
+int tchext_cuda_mem_get_info(int device, size_t *free_bytes, size_t *total_bytes) {
+  typedef int (*get_device_fn)(int *);
+  typedef int (*set_device_fn)(int);
+  typedef int (*mem_get_info_fn)(size_t *, size_t *);
+  auto get_device = reinterpret_cast<get_device_fn>(dlsym(RTLD_DEFAULT, "cudaGetDevice"));
+  auto set_device = reinterpret_cast<set_device_fn>(dlsym(RTLD_DEFAULT, "cudaSetDevice"));
+  auto mem_get_info = reinterpret_cast<mem_get_info_fn>(dlsym(RTLD_DEFAULT, "cudaMemGetInfo"));
+  if (get_device == nullptr || set_device == nullptr || mem_get_info == nullptr) return -1;
+  int previous = 0;
+  int rc = get_device(&previous);
+  if (rc != 0) return rc;
+  if (previous != device && (rc = set_device(device)) != 0) return rc;
+  rc = mem_get_info(free_bytes, total_bytes);
+  if (previous != device) set_device(previous);
+  return rc;
+}
 
 }  // extern "C"

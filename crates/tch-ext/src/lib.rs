@@ -1,9 +1,9 @@
 //! What `tch` 0.26 lacks from libtorch, through a small C++ shim (`cpp/shim.cpp`, compiled by
 //! this crate's build script against the headers of the libtorch torch-sys links).
 //!
-//! Owns: gradient checkpointing ([`checkpoint`]) and the grad-mode query
-//! ([`grad_mode_enabled`]). Does not own any model code; sd-core wraps its blocks with
-//! [`checkpoint`] when training asks for it.
+//! Owns: gradient checkpointing ([`checkpoint`]), the grad-mode query
+//! ([`grad_mode_enabled`]) and the CUDA device-memory query ([`cuda_memory_info`]). Does not
+//! own any model code; sd-core wraps its blocks with [`checkpoint`] when training asks for it.
 //!
 //! # Gradient checkpointing
 //! tch has no custom autograd functions and no way to seed a backward pass with a gradient, so
@@ -52,6 +52,7 @@ unsafe extern "C" {
     ) -> c_int;
     fn tchext_free_outputs(outputs: *mut *mut C_tensor);
     fn tchext_grad_mode_enabled() -> c_int;
+    fn tchext_cuda_mem_get_info(device: c_int, free: *mut usize, total: *mut usize) -> c_int;
 }
 
 /// The closure type a checkpoint node owns: inputs in, outputs out.
@@ -108,6 +109,20 @@ unsafe extern "C" fn drop_trampoline(closure: *mut c_void) {
 pub fn grad_mode_enabled() -> bool {
     // SAFETY: a plain query without arguments.
     unsafe { tchext_grad_mode_enabled() != 0 }
+}
+
+/// Free and total memory of CUDA device `index` in bytes (`cudaMemGetInfo`, looked up among the
+/// already loaded libraries: libtorch links the CUDA runtime dynamically). `None` when no CUDA
+/// runtime is loaded (a CPU-only libtorch), when the query fails (no driver, no such device), or
+/// when `index` does not fit a C int. tch exposes no memory query; this avoids a CUDA/NVML
+/// dependency at build time.
+pub fn cuda_memory_info(index: usize) -> Option<(u64, u64)> {
+    let device = c_int::try_from(index).ok()?;
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: both out-pointers are valid for writes for the duration of the call; the shim only
+    // calls CUDA runtime functions found by dlsym with their documented signatures.
+    let rc = unsafe { tchext_cuda_mem_get_info(device, &mut free, &mut total) };
+    (rc == 0).then_some((free as u64, total as u64))
 }
 
 /// Runs `f(inputs)` as one checkpointed autograd node: no intermediate activation of `f` is kept;

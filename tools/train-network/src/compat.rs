@@ -82,7 +82,7 @@ pub const OPTIONS: &[Compat] = &[
     c(
         "lowram",
         NoEffect,
-        "only changes where models are loaded first, not the result",
+        "models are always loaded straight to the device; recorded as ss_lowram",
     ),
     c(
         "highvram",
@@ -299,8 +299,16 @@ pub const OPTIONS: &[Compat] = &[
     c("max_train_epochs", Implemented, ""),
     c("seed", Implemented, "drawn from [0, 2^32-1] when unset"),
     c("mixed_precision", Implemented, ""),
-    c("full_fp16", Unsupported, "not implemented yet (issue 6)"),
-    c("full_bf16", Unsupported, "not implemented yet (issue 6)"),
+    c(
+        "full_fp16",
+        Implemented,
+        "LoRA weights and gradients in fp16 (needs --mixed_precision fp16); f32 optimiser state",
+    ),
+    c(
+        "full_bf16",
+        Implemented,
+        "LoRA weights and gradients in bf16 (needs --mixed_precision bf16); f32 optimiser state",
+    ),
     c(
         "gradient_checkpointing",
         Implemented,

@@ -42,6 +42,8 @@ pub struct ModelOptions {
     pub vae: Option<PathBuf>,
     /// `--no_half_vae`.
     pub no_half_vae: bool,
+    /// `--lowram` (only recorded as `ss_lowram`: models always load straight to the device).
+    pub lowram: bool,
 }
 
 /// Dataset and caching options.
@@ -515,6 +517,7 @@ impl TrainOptions {
             v_parameterization: m.v_parameterization,
             vae: m.vae.clone(),
             no_half_vae: m.no_half_vae,
+            lowram: m.lowram,
         };
 
         let dataset = dataset_options(args, sdxl, &mut warnings)?;
@@ -1451,6 +1454,7 @@ mod tests {
                 v_parameterization: false,
                 vae: None,
                 no_half_vae: false,
+                lowram: false,
             }
         );
         assert_eq!(o.dataset.dataset_config, Some(PathBuf::from("data.toml")));

@@ -405,6 +405,8 @@ fn train_config(o: &TrainOptions, scan: &DatasetScan) -> anyhow::Result<TrainCon
             rank_dropout: net.args.rank_dropout,
             module_dropout: net.args.module_dropout,
         },
+        full_half: opt.full_fp16 || opt.full_bf16,
+        lowram: o.model.lowram,
         network_args: net
             .args_map
             .iter()

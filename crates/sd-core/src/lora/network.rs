@@ -409,8 +409,30 @@ impl LoraNetwork {
         }
     }
 
-    /// Copies the current module tensors into a [`LoraWeights`] for saving (CPU, f32; the
-    /// save options choose the file dtype).
+    /// Casts every module's `lora_down` / `lora_up` to `kind` in place (`--full_fp16` /
+    /// `--full_bf16`: the trainable weights, and so their gradients, in half precision). The
+    /// tensors keep their identity (`set_data`), so handles taken earlier, e.g. by
+    /// [`LoraNetwork::parameters`], see the new dtype; `requires_grad` is kept.
+    ///
+    /// # Source
+    /// sd-scripts `train_network.py`: `network.to(weight_dtype)` under `full_fp16`/`full_bf16`
+    /// (spec training.md §6.8).
+    pub fn set_kind(&self, kind: Kind) {
+        let _guard = tch::no_grad_guard();
+        for m in &self.modules {
+            let module = m.module.lock().expect("LoRA module lock");
+            for t in [&module.lora_down, &module.lora_up] {
+                if t.kind() != kind {
+                    let cast = t.to_kind(kind);
+                    t.shallow_clone().set_data(&cast);
+                }
+            }
+        }
+    }
+
+    /// Copies the current module tensors into a [`LoraWeights`] for saving (in the modules'
+    /// dtype: f32, or half after [`LoraNetwork::set_kind`]; the save options choose the file
+    /// dtype, `None` keeps this one).
     pub fn to_weights(&self) -> LoraWeights {
         let guards: Vec<_> = self
             .modules

@@ -15,6 +15,7 @@
 pub mod grad;
 pub mod latent_cache;
 pub mod lr_scheduler;
+pub mod memory;
 pub mod optim;
 pub mod optim8bit;
 pub mod sdxl;

@@ -177,6 +177,14 @@ pub struct TrainConfig {
     pub network_module: String,
     /// Ranks and alphas.
     pub network: NetworkOptions,
+    /// `--full_fp16` / `--full_bf16`: the LoRA weights, and so their gradients, are cast to the
+    /// mixed-precision type too (`mixed_precision` must be `Fp16` / `Bf16`: [`train`] refuses
+    /// `No`). The fp16 loss scaler still runs; the optimiser keeps f32 state and updates
+    /// half-precision weights through an f32 copy (docs/optimizers.md).
+    pub full_half: bool,
+    /// `--lowram`: recorded as `ss_lowram`. Models are always loaded straight to the device
+    /// (docs/performance.md, "Loading and --lowram"), so it changes nothing else.
+    pub lowram: bool,
     /// Whether `--network_dim` was given (the reference writes `None` otherwise).
     pub network_dim_given: bool,
     /// Whether `--network_alpha` was given as a float (`1.0`) rather than left at the integer
@@ -527,6 +535,11 @@ impl<'a> Run<'a> {
         let mut network = LoraNetwork::create_with_blocks(
             model.family,
             &components,
+        if cfg.full_half && cfg.mixed_precision == MixedPrecision::No {
+            return Err(TrainError::Invalid(
+                "--full_fp16 / --full_bf16 require --mixed_precision fp16 / bf16".into(),
+            ));
+        }
             &cfg.network,
             block_ranks.as_ref(),
             cfg.dropouts,
@@ -580,6 +593,10 @@ impl<'a> Run<'a> {
         for (component, params) in network.parameters() {
             if component == Component::Unet {
                 unet_params.extend(params)
+        if cfg.full_half {
+            // sd-scripts: `network.to(weight_dtype)` (spec training.md §6.8).
+            network.set_kind(kind);
+        }
             } else {
                 te_params.extend(params)
             }
@@ -670,6 +687,7 @@ impl<'a> Run<'a> {
             None => None,
         };
         // TensorBoard: `<logging_dir>/<YYYYmmddHHMMSS>/network_train/` (spec §12.4).
+        super::memory::report_for_run(cfg, scan, &model, &network);
         let tensorboard = match &cfg.logging_dir {
             Some(dir) => {
                 let run_dir = dir
@@ -1545,7 +1563,10 @@ impl<'a> Run<'a> {
         put("ss_lr_scheduler", cfg.scheduler.kind.to_string());
         put("ss_network_dropout", opt_f(cfg.dropouts.dropout));
         put("ss_mixed_precision", cfg.mixed_precision.name().into());
-        put("ss_full_fp16", b(false));
+        put(
+            "ss_full_fp16",
+            b(cfg.full_half && cfg.mixed_precision == MixedPrecision::Fp16),
+        );
         put(
             "ss_clip_skip",
             cfg.clip_skip
@@ -1558,7 +1579,7 @@ impl<'a> Run<'a> {
         );
         put("ss_cache_latents", b(cfg.cache_latents));
         put("ss_seed", cfg.seed.to_string());
-        put("ss_lowram", b(false));
+        put("ss_lowram", b(cfg.lowram));
         put(
             "ss_noise_offset",
             if cfg.noise_offset > 0.0 {
