@@ -79,8 +79,8 @@ pub struct Args {
     #[arg(long = "iter_same_seed", alias = "iter-same-seed")]
     pub iter_same_seed: bool,
 
-    /// Sampler: ddim, lms, euler, euler_a, heun, dpm_2, dpm_2_a, dpmsolver, dpmsolver++
-    /// (k_ aliases accepted; pndm and dpmsingle are not implemented).
+    /// Sampler: ddim, pndm, lms, euler, euler_a, heun, dpm_2, dpm_2_a, dpmsolver,
+    /// dpmsolver++, dpmsingle (k_lms, k_euler, k_euler_a, k_dpm_2, k_dpm_2_a aliases).
     #[arg(long, default_value = "ddim")]
     pub sampler: String,
     /// Sampling steps.

@@ -11,8 +11,8 @@ use sd_core::generate::encode::{EmbNormalize, TextOptions};
 use sd_core::generate::png::{encode_png, py_float, write_atomically};
 use sd_core::generate::prompt::{PromptOptions, read_prompt_file};
 use sd_core::generate::{
-    GenerationSettings, ImageSpec, InferenceNetworks, PyRandom, SamplerConfig, SamplerKind,
-    SdxlSize, image_file_name, parse_prompt_line, timestamp_now, txt2img,
+    GenerationSettings, ImageSpec, InferenceNetworks, PyRandom, Sampler, SamplerConfig,
+    SamplerKind, SdxlSize, image_file_name, parse_prompt_line, timestamp_now, txt2img,
 };
 use sd_core::loader::{ModelLoadOptions, StableDiffusion};
 use sd_core::schedule::PredictionType;
@@ -333,6 +333,13 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         bail!("No weight: --network_weights needs one file per --network_module");
     }
     let lines = prompt_lines(args)?;
+    // The sampler and every line's step count are checked before the model loads.
+    let kind: SamplerKind = args.sampler.parse()?;
+    for line in &lines {
+        let steps = parse_prompt_line(line).steps.unwrap_or(args.steps);
+        Sampler::new(SamplerConfig::gen_img(kind, PredictionType::Epsilon), steps)
+            .with_context(|| format!("prompt \"{line}\""))?;
+    }
     let device = device(args)?;
     let kind = if args.fp16 {
         Kind::Half
