@@ -518,6 +518,14 @@ impl Drop for ProcessGroup {
     }
 }
 
+/// Where a bucket is reduced: CUDA tensors stay on the GPU for NCCL; Gloo gets CPU copies.
+fn comm_device(group: &ProcessGroup, device: tch::Device) -> tch::Device {
+    match group.backend() {
+        Backend::Nccl => device,
+        Backend::Gloo => tch::Device::Cpu,
+    }
+}
+
 /// Flattens the gradients of `params` into one f32 bucket (an undefined gradient counts as
 /// zeros), all-reduces the bucket with `extra` values appended (e.g. per-rank loss sums),
 /// sums over ranks, and writes the summed gradients back into each `param.grad()`.
@@ -552,13 +560,19 @@ pub fn all_reduce_grads(
     }
     let extra_f32: Vec<f32> = extra.iter().map(|&x| x as f32).collect();
     parts.push(Tensor::from_slice(&extra_f32).to_device(device));
-    let bucket = Tensor::cat(&parts, 0).contiguous();
+    let bucket = Tensor::cat(&parts, 0)
+        .to_device(comm_device(group, device))
+        .contiguous();
     group.all_reduce_sum(&bucket)?;
     let mut offset = 0i64;
     for p in params {
         let mut g = p.grad();
         let n = g.numel() as i64;
-        let summed = bucket.narrow(0, offset, n).view_as(&g).to_kind(g.kind());
+        let summed = bucket
+            .narrow(0, offset, n)
+            .view_as(&g)
+            .to_device(device)
+            .to_kind(g.kind());
         tch::no_grad(|| g.copy_(&summed));
         offset += n;
     }
@@ -583,13 +597,20 @@ pub fn broadcast_params(group: &ProcessGroup, params: &[Tensor], root: usize) ->
         .iter()
         .map(|p| p.detach().to_kind(tch::Kind::Float).reshape([-1]))
         .collect();
-    let bucket = Tensor::cat(&parts, 0).contiguous();
+    let device = params[0].device();
+    let bucket = Tensor::cat(&parts, 0)
+        .to_device(comm_device(group, device))
+        .contiguous();
     group.broadcast(&bucket, root)?;
     let mut offset = 0i64;
     for p in params {
         let n = p.numel() as i64;
         let mut p = p.shallow_clone();
-        let v = bucket.narrow(0, offset, n).view_as(&p).to_kind(p.kind());
+        let v = bucket
+            .narrow(0, offset, n)
+            .view_as(&p)
+            .to_device(p.device())
+            .to_kind(p.kind());
         tch::no_grad(|| p.copy_(&v));
         offset += n;
     }

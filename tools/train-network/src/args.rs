@@ -422,9 +422,18 @@ pub struct OptimizationArgs {
     /// torch.compile backend.
     #[arg(long, value_name = "NAME", default_value = "inductor")]
     pub dynamo_backend: String,
-    /// DDP timeout in minutes (multi-process only).
+    /// DDP timeout in minutes: a collective (or the rendezvous) waiting longer fails the run
+    /// (default 30).
     #[arg(long, value_name = "MIN")]
     pub ddp_timeout: Option<i64>,
+    /// Data-parallel training on N local processes (this binary re-run with torchrun's RANK,
+    /// WORLD_SIZE, ... set); the batch size is per process (see docs/distributed.md).
+    #[arg(long, value_name = "N")]
+    pub num_processes: Option<usize>,
+    /// c10d backend of data-parallel training: nccl (default on CUDA) or gloo (CPU, default
+    /// without CUDA).
+    #[arg(long, value_name = "NAME", value_parser = ["nccl", "gloo"])]
+    pub ddp_backend: Option<String>,
     /// DDP gradient_as_bucket_view (multi-process only).
     #[arg(long)]
     pub ddp_gradient_as_bucket_view: bool,
@@ -732,6 +741,8 @@ pub const OWN_OPTIONS: &[&str] = &[
     "verbose",
     "quiet",
     "no_progress",
+    "num_processes",
+    "ddp_backend",
 ];
 
 /// The full clap command: [`Args`] plus a kebab-case alias for every underscore option,

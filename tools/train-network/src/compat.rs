@@ -348,13 +348,21 @@ pub const OPTIONS: &[Compat] = &[
     ),
     c("torch_compile", NoEffect, "only changes speed"),
     c("dynamo_backend", NoEffect, "only used with --torch_compile"),
-    c("ddp_timeout", NoEffect, "single-process training only"),
+    c(
+        "ddp_timeout",
+        Implemented,
+        "minutes a collective or the rendezvous may wait (default 30); see docs/distributed.md",
+    ),
     c(
         "ddp_gradient_as_bucket_view",
         NoEffect,
-        "single-process training only",
+        "LoRA gradients are always all-reduced in one flat bucket",
     ),
-    c("ddp_static_graph", NoEffect, "single-process training only"),
+    c(
+        "ddp_static_graph",
+        NoEffect,
+        "a DDP speed hint; LoRA gradients are all-reduced by hand",
+    ),
     c("deepspeed", Unsupported, "DeepSpeed is not available"),
     c(
         "zero_stage",

@@ -5,6 +5,7 @@
 mod args;
 mod compat;
 mod config_file;
+mod distributed;
 mod options;
 mod run;
 
@@ -49,11 +50,16 @@ fn body(parsed: args::Parsed) -> anyhow::Result<ExitCode> {
         tracing::info!("options from {} (the command line wins)", path.display());
         tracing::debug!("keys taken from the config file: {:?}", parsed.from_file);
     }
+    let launch = distributed::Launch::from_args(&parsed.args)?;
+    // With --num_processes the workers print the warnings (once, on rank 0).
+    let quiet_parent = launch.spawns();
     for warning in compat::check(&parsed.args, &parsed.given)? {
-        tracing::warn!("{warning}");
+        if !quiet_parent {
+            tracing::warn!("{warning}");
+        }
     }
     let validated = TrainOptions::from_args(&parsed.args, &parsed.given)?;
-    for warning in &validated.warnings {
+    for warning in validated.warnings.iter().filter(|_| !quiet_parent) {
         tracing::warn!("{warning}");
     }
     let options = validated.options;
@@ -65,10 +71,14 @@ fn body(parsed: args::Parsed) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let datasets = options.resolve_datasets()?;
-    for warning in &datasets.warnings {
+    for warning in datasets.warnings.iter().filter(|_| !quiet_parent) {
         tracing::warn!("{warning}");
     }
+    if quiet_parent && !options.dataset.debug_dataset {
+        return distributed::spawn_local(&launch);
+    }
     run::run(
+        &launch,
         &options,
         &datasets,
         parsed.args.dataset.json,

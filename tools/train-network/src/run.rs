@@ -30,13 +30,14 @@ use crate::options::{self, NetworkKind, SavePrecision, TrainOptions};
 /// # Errors
 /// Dataset problems (all listed together), model/LoRA loading, training errors.
 pub fn run(
+    launch: &crate::distributed::Launch,
     options: &TrainOptions,
     datasets: &sd_data::config::DatasetGroupConfig,
     json_listing: bool,
     verbosity: &sd_cli::Verbosity,
 ) -> anyhow::Result<ExitCode> {
     let base_dir = std::env::current_dir().context("reading the working folder")?;
-    let scan = scan_datasets(
+    let mut scan = scan_datasets(
         datasets,
         &ScanOptions {
             base_dir,
@@ -74,7 +75,9 @@ pub fn run(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let cfg = train_config(options, &scan)?;
+    let mut cfg = train_config(options, &scan)?;
+    // Data-parallel worker: process group, device, global batch (docs/distributed.md).
+    let group = crate::distributed::join(launch, &mut cfg, &mut scan)?;
     // The prompt file is checked now, not at the first sample (spec training.md §12.1).
     let sampling = match &options.sampling.sample_prompts {
         Some(path) => {
@@ -122,7 +125,15 @@ pub fn run(
         verbosity: verbosity.clone(),
         sampling,
     };
-    match trainer::train(&cfg, &scan, &mut observer, interrupt) {
+    let mut worker = crate::distributed::Worker {
+        rank: launch.rank(),
+    };
+    let reporter: &mut dyn TrainObserver = if launch.rank() == 0 {
+        &mut observer
+    } else {
+        &mut worker
+    };
+    match trainer::train_distributed(&cfg, &scan, reporter, interrupt, group.as_ref()) {
         Ok(summary) => {
             if let Some(bar) = &observer.bar {
                 bar.finish_and_clear();

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sd_data::caption::{CaptionProgress, process_caption};
@@ -40,6 +40,8 @@ use crate::lora::{
 };
 use crate::models::text_encoder::{OutputLayer, join_chunks};
 use crate::schedule::{NoiseSchedule, PredictionType};
+
+mod distributed;
 
 /// Errors of a training run.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,9 @@ pub enum TrainError {
     /// Non-finite latents, a bad state folder, an invalid setting.
     #[error("{0}")]
     Invalid(String),
+    /// A collective of data-parallel training failed (a rank died, a timeout).
+    #[error(transparent)]
+    Distributed(#[from] sd_dist::Error),
     /// The run was interrupted (Ctrl-C); the LoRA and the state were saved.
     #[error("interrupted at step {step}: saved {lora} and the state {state}")]
     Interrupted {
@@ -439,6 +444,10 @@ struct Batch {
     size_cond: Vec<[f64; 6]>,
     /// (dataset, image) of every sample (text-encoder output cache lookups).
     keys: Vec<(usize, usize)>,
+    /// Seed of every sample's random draws (VAE sampling, noise, timesteps).
+    seeds: Vec<i64>,
+    /// This rank's share of the global micro-batch's samples (1 on one process).
+    share: f64,
 }
 
 /// Cached (unscaled) latents of one image: normal and flipped, `[4, h, w]` f32 on the CPU.
@@ -470,6 +479,10 @@ struct Run<'a> {
     log: Option<std::fs::File>,
     tensorboard: Option<super::tensorboard::EventWriter>,
     interrupt: Arc<AtomicBool>,
+    /// Data-parallel process group (world size > 1), see `distributed.rs`.
+    dist: Option<&'a sd_dist::ProcessGroup>,
+    /// Some rank was interrupted (agreed on at the last optimiser step).
+    dist_stop: bool,
 }
 
 /// Trains a LoRA on `scan` with `cfg`, reporting to `observer`. `interrupt` is polled after
@@ -484,7 +497,27 @@ pub fn train(
     observer: &mut dyn TrainObserver,
     interrupt: Arc<AtomicBool>,
 ) -> Result<TrainSummary> {
-    let mut run = Run::new(cfg, scan, interrupt, observer)?;
+    train_distributed(cfg, scan, observer, interrupt, None)
+}
+
+/// [`train`] as one rank of a data-parallel run (docs/distributed.md). `scan`'s batch sizes
+/// are the GLOBAL batch (per-rank batch × world size): every rank plans the same epochs and
+/// takes its slice of each micro-batch; LoRA gradients are summed over the ranks before each
+/// optimiser step; only rank 0 writes the LoRA, states, logs and samples. `None` or a world
+/// of 1 is a plain run.
+///
+/// # Errors
+/// As [`train`], and [`TrainError::Distributed`] when a collective fails (a rank died or the
+/// group's timeout passed).
+pub fn train_distributed(
+    cfg: &TrainConfig,
+    scan: &DatasetScan,
+    observer: &mut dyn TrainObserver,
+    interrupt: Arc<AtomicBool>,
+    dist: Option<&sd_dist::ProcessGroup>,
+) -> Result<TrainSummary> {
+    let dist = dist.filter(|d| d.world_size() > 1);
+    let mut run = Run::new(cfg, scan, interrupt, observer, dist)?;
     run.train(observer)
 }
 
@@ -494,7 +527,9 @@ impl<'a> Run<'a> {
         scan: &'a DatasetScan,
         interrupt: Arc<AtomicBool>,
         observer: &mut dyn TrainObserver,
+        dist: Option<&'a sd_dist::ProcessGroup>,
     ) -> Result<Self> {
+        let is_main = dist.is_none_or(|d| d.is_main());
         if !cfg.train_unet && !cfg.train_text_encoder {
             return Err(TrainError::Invalid(
                 "nothing to train: both the U-Net and the text encoder are excluded".into(),
@@ -674,7 +709,7 @@ impl<'a> Run<'a> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
-        let log = match &cfg.logging_dir {
+        let log = match cfg.logging_dir.as_ref().filter(|_| is_main) {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(io_err(dir))?;
                 let path = dir.join(format!(
@@ -688,7 +723,7 @@ impl<'a> Run<'a> {
         };
         // TensorBoard: `<logging_dir>/<YYYYmmddHHMMSS>/network_train/` (spec §12.4).
         super::memory::report_for_run(cfg, scan, &model, &network);
-        let tensorboard = match &cfg.logging_dir {
+        let tensorboard = match cfg.logging_dir.as_ref().filter(|_| is_main) {
             Some(dir) => {
                 let run_dir = dir
                     .join(chrono::Local::now().format("%Y%m%d%H%M%S").to_string())
@@ -719,6 +754,8 @@ impl<'a> Run<'a> {
             log,
             tensorboard,
             interrupt,
+            dist,
+            dist_stop: false,
         })
     }
 
@@ -740,6 +777,7 @@ impl<'a> Run<'a> {
                 state.current_epoch + 1
             ));
         }
+        self.broadcast_weights()?;
         if state.current_step >= self.plan.max_train_steps {
             return Err(TrainError::Invalid(format!(
                 "the state is at step {} but --max_train_steps is {}: nothing left to train (max_train_steps/epochs always mean the total)",
@@ -785,13 +823,21 @@ impl<'a> Run<'a> {
             let mut step_losses = Vec::new();
             for bi in start_batch..n {
                 tch::manual_seed(mix_seed(cfg.seed, epoch, bi));
-                let batch = self.prepare_batch(&plan, bi as usize, epoch, global_step)?;
-                let loss = self.forward_backward(&batch, g)?;
+                // With a process group: this rank's slice (an empty slice adds nothing).
+                let loss = match self.prepare_batch(&plan, bi as usize, epoch, global_step)? {
+                    Some(batch) => self.forward_backward(&batch, g)?,
+                    None => 0.0,
+                };
                 step_losses.push(loss);
                 epoch_loss_sum += loss;
                 epoch_loss_n += 1;
                 let sync = (bi + 1) % g == 0 || bi + 1 == n;
                 if sync {
+                    if self.dist.is_some() {
+                        let local: f64 = step_losses.iter().sum();
+                        step_losses = self.reduce_gradients(&step_losses)?;
+                        epoch_loss_sum += step_losses.iter().sum::<f64>() - local;
+                    }
                     let skipped = self.optimizer_step()?;
                     skipped_steps += u64::from(skipped);
                     global_step += 1;
@@ -823,7 +869,7 @@ impl<'a> Run<'a> {
                         break 'epochs;
                     }
                 }
-                if self.interrupt.load(Ordering::Relaxed) {
+                if self.should_stop(sync) {
                     return Err(self.save_interrupted(global_step, epoch, bi + 1, sync)?);
                 }
             }
@@ -875,9 +921,17 @@ impl<'a> Run<'a> {
         index: usize,
         epoch: u64,
         global_step: u64,
-    ) -> Result<Batch> {
+    ) -> Result<Option<Batch>> {
         let pb = &plan.batches[index];
         let ds = &self.scan.datasets[pb.dataset];
+        let (samples, share) = self.shard(&pb.samples);
+        if samples.is_empty() {
+            return Ok(None);
+        }
+        let seeds: Vec<i64> = samples
+            .iter()
+            .map(|s| distributed::sample_draw_seed(s.seed, epoch))
+            .collect();
         let scale = self.model.latent_scale();
         let mut captions = Vec::new();
         let mut loss_weights = Vec::new();
@@ -888,7 +942,7 @@ impl<'a> Run<'a> {
             step: global_step,
             max_train_steps: self.plan.max_train_steps,
         };
-        for s in &pb.samples {
+        for s in samples {
             let entry = &ds.images[s.image];
             let mut rng = DataRng::new(s.seed, 1);
             captions.push(process_caption(
@@ -902,7 +956,7 @@ impl<'a> Run<'a> {
         }
         let latents = if self.cfg.cache_latents {
             let mut parts = Vec::new();
-            for s in &pb.samples {
+            for s in samples {
                 let c = &self.cache[&(pb.dataset, s.image)];
                 // flip_aug with cached latents: the sample's own RNG decides, as the image path would.
                 let flip = ds.prep_options(s.image).augment.flip_aug
@@ -927,8 +981,7 @@ impl<'a> Run<'a> {
                 .to_kind(Kind::Float)
                 * scale
         } else {
-            let requests: Vec<LoadRequest> = pb
-                .samples
+            let requests: Vec<LoadRequest> = samples
                 .iter()
                 .map(|s| LoadRequest {
                     path: ds.images[s.image].path.clone(),
@@ -951,24 +1004,38 @@ impl<'a> Run<'a> {
                 images.push(img);
             }
             let paths: Vec<&Path> = requests.iter().map(|r| r.path.as_path()).collect();
-            self.encode_images(&images, &paths)?.to_kind(Kind::Float) * scale
+            self.encode_images(&images, &paths, Some(&seeds))?
+                .to_kind(Kind::Float)
+                * scale
         };
-        Ok(Batch {
+        Ok(Some(Batch {
             latents,
             captions,
             loss_weights,
             size_cond,
             keys,
-        })
+            seeds,
+            share,
+        }))
     }
 
     /// VAE-encodes prepared images to unscaled latents `[B, 4, h, w]` (a random sample of
     /// the latent distribution, spec §5.1), in chunks of `--vae_batch_size`.
-    fn encode_images(&self, images: &[PreparedImage], paths: &[&Path]) -> Result<Tensor> {
+    /// `seeds` (one per image): draw each image's latent sample from its own seed.
+    fn encode_images(
+        &self,
+        images: &[PreparedImage],
+        paths: &[&Path],
+        seeds: Option<&[i64]>,
+    ) -> Result<Tensor> {
         let vae_kind = self.model.vae_vs.kind();
         let chunk = self.cfg.vae_batch_size.max(1);
         let mut out = Vec::new();
-        for (imgs, names) in images.chunks(chunk).zip(paths.chunks(chunk)) {
+        for (ci, (imgs, names)) in images
+            .chunks(chunk)
+            .zip(paths.chunks(chunk))
+            .enumerate()
+        {
             let pixels: Vec<Tensor> = imgs
                 .iter()
                 .map(|i| {
@@ -980,7 +1047,13 @@ impl<'a> Run<'a> {
                 .to_kind(vae_kind);
             let lat = tch::no_grad(|| {
                 let dist = self.model.vae.encode(&x);
-                let eps = dist.mean.randn_like();
+                let eps = match seeds {
+                    Some(s) => distributed::per_sample_randn(
+                        &dist.mean,
+                        &s[ci * chunk..(ci * chunk + imgs.len()).min(s.len())],
+                    ),
+                    None => dist.mean.randn_like(),
+                };
                 dist.sample_with(&eps)
             });
             let finite = lat.isfinite().all().int64_value(&[]) == 1;
@@ -1003,10 +1076,16 @@ impl<'a> Run<'a> {
     /// encoded once (and flipped with flip_aug), stored unscaled on the CPU; `--cache_latents_to_disk`
     /// keeps them in `<image>_<W>x<H>_sd.npz` beside the image and reuses valid files.
     fn cache_all_latents(&mut self, observer: &mut dyn TrainObserver) -> Result<()> {
-        tch::manual_seed(self.cfg.seed as i64);
         let mut count = 0usize;
+        let mut index = 0u64;
         for (di, ds) in self.scan.datasets.iter().enumerate() {
             for (ii, entry) in ds.images.iter().enumerate() {
+                // Each rank caches its share; the draws of an image follow its global index.
+                index += 1;
+                if !self.owns(index - 1) {
+                    continue;
+                }
+                tch::manual_seed(mix_seed(self.cfg.seed, u64::MAX, index - 1));
                 let mut opts = ds.prep_options(ii);
                 let flip_aug = opts.augment.flip_aug;
                 opts.augment.flip_aug = false;
@@ -1040,7 +1119,7 @@ impl<'a> Run<'a> {
                 };
                 let img = load_parallel(std::slice::from_ref(&req)).remove(0)?;
                 let normal = self
-                    .encode_images(std::slice::from_ref(&img), &[entry.path.as_path()])?
+                    .encode_images(std::slice::from_ref(&img), &[entry.path.as_path()], None)?
                     .squeeze_dim(0)
                     .to_kind(Kind::Float)
                     .to_device(Device::Cpu);
@@ -1048,7 +1127,7 @@ impl<'a> Run<'a> {
                     let mut f = img.clone();
                     flip_chw(&mut f);
                     Some(
-                        self.encode_images(std::slice::from_ref(&f), &[entry.path.as_path()])?
+                        self.encode_images(std::slice::from_ref(&f), &[entry.path.as_path()], None)?
                             .squeeze_dim(0)
                             .to_kind(Kind::Float)
                             .to_device(Device::Cpu),
@@ -1077,6 +1156,7 @@ impl<'a> Run<'a> {
                 count += 1;
             }
         }
+        self.share_cached_latents()?;
         observer.info(&format!("cached latents of {count} images"));
         Ok(())
     }
@@ -1119,54 +1199,13 @@ impl<'a> Run<'a> {
     fn forward_backward(&mut self, batch: &Batch, accumulation: u64) -> Result<f64> {
         let cfg = self.cfg;
         let latents = &batch.latents;
-        let (b, c, _, _) = latents
+        let (b, _, _, _) = latents
             .size4()
             .map_err(|e| TrainError::Invalid(e.to_string()))?;
         let device = latents.device();
-        // 1. noise (spec §6.2)
-        let mut noise = latents.randn_like();
-        if cfg.noise_offset > 0.0 {
-            let mut offset = cfg.noise_offset;
-            if cfg.noise_offset_random_strength {
-                offset *= Tensor::rand([1], (Kind::Float, Device::Cpu)).double_value(&[0]);
-            }
-            let per = Tensor::randn([b, c, 1, 1], (Kind::Float, device));
-            let scale = match cfg.adaptive_noise_scale {
-                Some(a) => (latents
-                    .mean_dim([2i64, 3].as_slice(), true, Kind::Float)
-                    .abs()
-                    * a
-                    + offset)
-                    .clamp_min(0.0),
-                None => Tensor::full([1], offset, (Kind::Float, device)),
-            };
-            noise += per * scale;
-        }
-        if cfg.multires_noise_iterations > 0 {
-            noise = multires_noise(
-                &noise,
-                cfg.multires_noise_iterations,
-                cfg.multires_noise_discount,
-            );
-        }
-        // 2. timesteps
-        let (min_t, max_t) = (cfg.min_timestep, cfg.max_timestep);
-        let timesteps = if min_t >= max_t {
-            Tensor::full([b], max_t, (Kind::Int64, device))
-        } else {
-            Tensor::randint_low(min_t, max_t, [b], (Kind::Int64, device))
-        };
-        let input_noise = match cfg.ip_noise_gamma {
-            Some(gamma) => {
-                let gamma = if cfg.ip_noise_gamma_random_strength {
-                    Tensor::rand([1], (Kind::Float, Device::Cpu)).double_value(&[0]) * gamma
-                } else {
-                    gamma
-                };
-                &noise + latents.randn_like() * gamma
-            }
-            None => noise.shallow_clone(),
-        };
+        // 1.–2. noise and timesteps, drawn sample by sample from each sample's seed (so they
+        // do not depend on the batch or the world size; distributed.rs)
+        let (noise, timesteps, input_noise) = self.draw_per_sample(latents, &batch.seeds);
         let noisy = self.noise.add_noise(latents, &input_noise, &timesteps);
         // 3. conditioning and U-Net
         let unet_kind = self.model.unet_vs.kind();
@@ -1272,12 +1311,68 @@ impl<'a> Run<'a> {
             )));
         }
         // 6. backward on loss / G
-        let scaled = &loss / accumulation as f64;
+        // With a process group the loss counts by this rank's share of the global batch.
+        let scaled = &loss * batch.share / accumulation as f64;
         match &self.scaler {
             Some(s) => s.scale_loss(&scaled).backward(),
             None => scaled.backward(),
         }
-        Ok(value)
+        Ok(value * batch.share)
+    }
+
+    /// Noise, timesteps and input noise of one sample (`latents` `[1, C, h, w]`), drawn from
+    /// libtorch's global generator (seeded by the caller). Returns
+    /// `(noise, timesteps [1] i64, input noise)`.
+    fn draw_noise(&self, latents: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let cfg = self.cfg;
+        let size = latents.size();
+        let (b, c) = (size[0], size[1]);
+        let device = latents.device();
+        // 1. noise (spec §6.2)
+        let mut noise = latents.randn_like();
+        if cfg.noise_offset > 0.0 {
+            let mut offset = cfg.noise_offset;
+            if cfg.noise_offset_random_strength {
+                offset *= Tensor::rand([1], (Kind::Float, Device::Cpu)).double_value(&[0]);
+            }
+            let per = Tensor::randn([b, c, 1, 1], (Kind::Float, device));
+            let scale = match cfg.adaptive_noise_scale {
+                Some(a) => (latents
+                    .mean_dim([2i64, 3].as_slice(), true, Kind::Float)
+                    .abs()
+                    * a
+                    + offset)
+                    .clamp_min(0.0),
+                None => Tensor::full([1], offset, (Kind::Float, device)),
+            };
+            noise += per * scale;
+        }
+        if cfg.multires_noise_iterations > 0 {
+            noise = multires_noise(
+                &noise,
+                cfg.multires_noise_iterations,
+                cfg.multires_noise_discount,
+            );
+        }
+        // 2. timesteps
+        let (min_t, max_t) = (cfg.min_timestep, cfg.max_timestep);
+        let timesteps = if min_t >= max_t {
+            Tensor::full([b], max_t, (Kind::Int64, device))
+        } else {
+            Tensor::randint_low(min_t, max_t, [b], (Kind::Int64, device))
+        };
+        let input_noise = match cfg.ip_noise_gamma {
+            Some(gamma) => {
+                let gamma = if cfg.ip_noise_gamma_random_strength {
+                    Tensor::rand([1], (Kind::Float, Device::Cpu)).double_value(&[0]) * gamma
+                } else {
+                    gamma
+                };
+                &noise + latents.randn_like() * gamma
+            }
+            None => noise.shallow_clone(),
+        };
+        (noise, timesteps, input_noise)
     }
 
     fn huber_c(&self, timesteps: &Tensor) -> Tensor {
@@ -1430,6 +1525,9 @@ impl<'a> Run<'a> {
     /// Sampling hook: dropouts off, no gradients. The micro-batch RNG is re-seeded before every
     /// batch, so samples never change the training run.
     fn sample(&self, step: u64, epoch_end: Option<u64>, observer: &mut dyn TrainObserver) {
+        if !self.is_main() {
+            return;
+        }
         self.network.set_train(false);
         tch::no_grad(|| observer.sample(&self.model, step, epoch_end));
         self.network.set_train(true);
@@ -1669,6 +1767,9 @@ impl<'a> Run<'a> {
     }
 
     fn save_lora(&self, path: &Path, step: u64, epoch: u64) -> Result<()> {
+        if !self.is_main() {
+            return Ok(());
+        }
         let cfg = self.cfg;
         let weights = self.network.to_weights();
         let now = SystemTime::now()
@@ -1715,6 +1816,9 @@ impl<'a> Run<'a> {
     }
 
     fn save_state(&self, dir: &Path, state: TrainState) -> Result<()> {
+        if !self.is_main() {
+            return Ok(());
+        }
         // Written into a temporary sibling folder, then renamed: an interrupted save never
         // leaves a partial state under the final name.
         let parent = dir.parent().unwrap_or(Path::new("."));
