@@ -19,15 +19,15 @@ use sd_formats::family::{ModelFamily, PredictionType as FilePrediction};
 use sd_formats::keymap::{Component, ToDiffusersOp, plan_to_diffusers};
 use sd_formats::tensor_file::TensorFile;
 use serde_json::Value;
-use tch::{Device, Kind, Tensor, nn::VarStore};
+use tch::{Device, Kind, nn::VarStore};
 
 use crate::models::text_encoder::{ClipTextConfig, ClipTextModel, IGNORED_KEYS};
 use crate::models::unet::{Unet, UnetConfig};
 use crate::models::vae::{Vae, VaeConfig};
 use crate::schedule::PredictionType;
-use crate::tensor::{from_bytes, to_device_kind};
+use crate::tensor::from_bytes;
 use crate::tokenizer::{ClipTokenizer, PadConvention};
-use crate::weights::{LoadOptions, load_var_store};
+use crate::weights::{LoadOptions, VarStoreFiller};
 
 /// `__metadata__` key under which this project stores the Diffusers configs of a single-file
 /// model of non-standard size: a JSON object `{"unet": {…}, "text_encoder": {…},
@@ -282,26 +282,28 @@ fn new_var_store(device: Device, kind: Kind) -> VarStore {
     vs
 }
 
-/// Builds every component from `configs` and fills it with `tensors_of(component)`.
+/// Builds every component from `configs` and fills its variables with
+/// `fill(component, var_store, ignored_keys)`, which streams the component's tensors into them
+/// one at a time ([`VarStoreFiller`]): the variables are created on the device in their dtype
+/// and each file tensor is read, converted and copied straight into its variable, so no second
+/// copy of a component exists at any time (docs/performance.md, "Loading and --lowram").
 fn build(
     family: ModelFamily,
     configs: Configs,
     opts: &ModelLoadOptions,
     source: &Path,
-    mut tensors_of: impl FnMut(Component, Kind) -> Result<(HashMap<String, Tensor>, String), LoadError>,
+    mut fill: impl FnMut(Component, &VarStore, &[&str]) -> Result<(), LoadError>,
     tokenizer_dir: impl Fn(Component) -> Option<PathBuf>,
 ) -> Result<StableDiffusion, LoadError> {
     let unet_vs = new_var_store(opts.device, opts.kind);
     let unet = Unet::new(&unet_vs.root(), &configs.unet)?;
-    let (tensors, name) = tensors_of(Component::Unet, opts.kind)?;
-    load_var_store(&unet_vs, tensors, &name, &[], LoadOptions::default())?;
+    fill(Component::Unet, &unet_vs, &[])?;
 
     let mut text_encoders = Vec::new();
     for (component, cfg) in &configs.text_encoders {
         let vs = new_var_store(opts.device, opts.kind);
         let model = ClipTextModel::new_with_kind(&vs.root(), cfg, opts.kind);
-        let (tensors, name) = tensors_of(*component, opts.kind)?;
-        load_var_store(&vs, tensors, &name, IGNORED_KEYS, LoadOptions::default())?;
+        fill(*component, &vs, IGNORED_KEYS)?;
         let pad = pad_convention(family, *component);
         let tokenizer =
             ClipTokenizer::from_dir_or_shipped(tokenizer_dir(*component).as_deref(), pad)?;
@@ -315,8 +317,7 @@ fn build(
 
     let vae_vs = new_var_store(opts.device, opts.vae_kind);
     let vae = Vae::new(&vae_vs.root(), &configs.vae)?;
-    let (tensors, name) = tensors_of(Component::Vae, opts.vae_kind)?;
-    load_var_store(&vae_vs, tensors, &name, &[], LoadOptions::default())?;
+    fill(Component::Vae, &vae_vs, &[])?;
 
     Ok(StableDiffusion {
         family,
@@ -363,8 +364,9 @@ fn load_single_file(path: &Path, opts: &ModelLoadOptions) -> Result<StableDiffus
         (None, Some(text)) => configs_from_metadata(family, path, text)?,
         (None, None) => preset_configs(family),
     };
-    let tensors_of = |component: Component, kind: Kind| {
-        let mut map = HashMap::new();
+    let fill = |component: Component, vs: &VarStore, ignore: &[&str]| {
+        let mut filler =
+            VarStoreFiller::new(vs, &format!("{} ({})", path.display(), component.name()));
         for target in plan.targets(component) {
             let info = file.info(&target.ldm_key).ok_or_else(|| {
                 LoadError::Other(format!(
@@ -385,21 +387,21 @@ fn load_single_file(path: &Path, opts: &ModelLoadOptions) -> Result<StableDiffus
                     .narrow(0, *start as i64, (*end - *start) as i64)
                     .contiguous(),
             };
-            map.insert(target.key.clone(), to_device_kind(t, opts.device, kind));
+            filler.put(&target.key, &t)?;
         }
-        Ok((map, format!("{} ({})", path.display(), component.name())))
+        Ok(filler.finish(ignore, LoadOptions::default())?)
     };
-    build(family, configs, opts, path, tensors_of, |_| None)
+    build(family, configs, opts, path, fill, |_| None)
 }
 
 fn load_diffusers(dir: &Path, opts: &ModelLoadOptions) -> Result<StableDiffusion, LoadError> {
     let model = DiffusersModel::open(dir)?;
     let family = model.family()?;
     let configs = configs_from_dir(family, opts.config_dir.as_deref().unwrap_or(dir))?;
-    let tensors_of = |component: Component, kind: Kind| {
+    let fill = |component: Component, vs: &VarStore, ignore: &[&str]| {
         let weights = model.weights(component, None)?;
         let file = TensorFile::open(&weights.path)?;
-        let mut map = HashMap::new();
+        let mut filler = VarStoreFiller::new(vs, &weights.path.display().to_string());
         for name in file.names() {
             let info = file.info(name).ok_or_else(|| {
                 LoadError::Other(format!("{}: no info for {name}", weights.path.display()))
@@ -407,9 +409,9 @@ fn load_diffusers(dir: &Path, opts: &ModelLoadOptions) -> Result<StableDiffusion
             let what = format!("{} key {name}", weights.path.display());
             let t = from_bytes(&what, info.dtype, &info.shape, file.data(name)?)
                 .map_err(LoadError::Other)?;
-            map.insert(name.clone(), to_device_kind(t, opts.device, kind));
+            filler.put(name, &t)?;
         }
-        Ok((map, weights.path.display().to_string()))
+        Ok(filler.finish(ignore, LoadOptions::default())?)
     };
     let tokenizer_dir = |c: Component| {
         let name = if c == Component::TextEncoder2 {
@@ -420,5 +422,5 @@ fn load_diffusers(dir: &Path, opts: &ModelLoadOptions) -> Result<StableDiffusion
         let d = dir.join(name);
         d.join("vocab.json").is_file().then_some(d)
     };
-    build(family, configs, opts, dir, tensors_of, tokenizer_dir)
+    build(family, configs, opts, dir, fill, tokenizer_dir)
 }

@@ -78,47 +78,94 @@ pub fn load_var_store(
     ignore: &[&str],
     opts: LoadOptions,
 ) -> Result<(), WeightsError> {
-    let mut vars = vs.variables();
-    let mut missing = Vec::new();
-    let mut used = BTreeSet::new();
-    let mut names: Vec<String> = vars.keys().cloned().collect();
+    let mut filler = VarStoreFiller::new(vs, source_name);
+    let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
-    for name in &names {
-        let Some(src) = tensors.get(name) else {
-            missing.push(name.clone());
-            continue;
+    for name in names {
+        filler.put(name, &tensors[name])?;
+    }
+    filler.finish(ignore, opts)
+}
+
+/// Fills the variables of a `VarStore` one source tensor at a time, so a loader never holds
+/// more than one converted tensor besides the model (the streaming form of
+/// [`load_var_store`], same checks). Each [`VarStoreFiller::put`] copies into the variable of
+/// that name, casting to its dtype and moving to its device; [`VarStoreFiller::finish`] reports
+/// variables that got nothing and source names no variable took.
+pub struct VarStoreFiller {
+    vars: HashMap<String, Tensor>,
+    source_name: String,
+    filled: BTreeSet<String>,
+    unused: Vec<String>,
+}
+
+impl VarStoreFiller {
+    /// A filler for every variable of `vs`; `source_name` names the file or component in errors.
+    pub fn new(vs: &VarStore, source_name: &str) -> Self {
+        Self {
+            vars: vs.variables(),
+            source_name: source_name.to_owned(),
+            filled: BTreeSet::new(),
+            unused: Vec::new(),
+        }
+    }
+
+    /// Copies `src` into the variable `name` (any float dtype and device; `copy_` semantics), or
+    /// records `name` as unused when no variable has it.
+    ///
+    /// # Errors
+    /// [`WeightsError::Shape`] when the shapes differ.
+    pub fn put(&mut self, name: &str, src: &Tensor) -> Result<(), WeightsError> {
+        let Some(var) = self.vars.get_mut(name) else {
+            self.unused.push(name.to_owned());
+            return Ok(());
         };
-        let var = vars.get_mut(name).expect("name comes from the same map");
         if src.size() != var.size() {
             return Err(WeightsError::Shape {
-                source_name: source_name.to_owned(),
-                key: name.clone(),
+                source_name: self.source_name.clone(),
+                key: name.to_owned(),
                 expected: var.size(),
                 found: src.size(),
             });
         }
         tch::no_grad(|| var.copy_(src));
-        used.insert(name.clone());
+        self.filled.insert(name.to_owned());
+        Ok(())
     }
-    if !missing.is_empty() {
-        return Err(WeightsError::Missing {
-            source_name: source_name.to_owned(),
-            keys: missing,
-        });
-    }
-    if opts.deny_unused {
-        let mut unused: Vec<String> = tensors
+
+    /// Checks that every variable was filled and, with `opts.deny_unused`, that every source
+    /// name was used (names in `ignore` excepted).
+    ///
+    /// # Errors
+    /// [`WeightsError::Missing`] / [`WeightsError::Unused`] listing the names (sorted).
+    pub fn finish(self, ignore: &[&str], opts: LoadOptions) -> Result<(), WeightsError> {
+        let mut missing: Vec<String> = self
+            .vars
             .keys()
-            .filter(|k| !used.contains(*k) && !ignore.contains(&k.as_str()))
+            .filter(|k| !self.filled.contains(*k))
             .cloned()
             .collect();
-        unused.sort();
-        if !unused.is_empty() {
-            return Err(WeightsError::Unused {
-                source_name: source_name.to_owned(),
-                keys: unused,
+        missing.sort();
+        if !missing.is_empty() {
+            return Err(WeightsError::Missing {
+                source_name: self.source_name,
+                keys: missing,
             });
         }
+        if opts.deny_unused {
+            let mut unused: Vec<String> = self
+                .unused
+                .into_iter()
+                .filter(|k| !ignore.contains(&k.as_str()))
+                .collect();
+            unused.sort();
+            if !unused.is_empty() {
+                return Err(WeightsError::Unused {
+                    source_name: self.source_name,
+                    keys: unused,
+                });
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
