@@ -16,7 +16,10 @@ use sd_core::generate::{
 };
 use sd_core::loader::{ModelLoadOptions, StableDiffusion};
 use sd_core::schedule::PredictionType;
+use sd_core::tensor::from_bytes;
 use sd_formats::family::ModelFamily;
+use sd_formats::keymap::{Component, ToDiffusersOp, plan_to_diffusers};
+use sd_formats::tensor_file::TensorFile;
 use tch::{Device, Kind, Tensor};
 
 use crate::args::Args;
@@ -77,37 +80,110 @@ fn refuse_unsupported(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Replaces the model's VAE weights with a Diffusers-layout VAE (folder or file).
+/// Whether a single-file key belongs to a VAE (bare, as VAE files distributed alone name
+/// them, or under a whole checkpoint's `first_stage_model.`).
+fn ldm_vae_key(key: &str) -> Option<String> {
+    if key.starts_with("first_stage_model.") {
+        Some(key.to_owned())
+    } else if ["encoder.", "decoder.", "quant_conv.", "post_quant_conv."]
+        .iter()
+        .any(|p| key.starts_with(p))
+    {
+        Some(format!("first_stage_model.{key}"))
+    } else {
+        None
+    }
+}
+
+/// Replaces the model's VAE weights (generation.md §1.1 `--vae`): a Diffusers VAE folder
+/// (`diffusion_pytorch_model.safetensors` or `.bin`, also under `vae/`), or one file
+/// (.safetensors, .ckpt, .pt, .bin) with Diffusers-layout VAE keys, LDM-layout VAE keys
+/// (`encoder.down.0.…`, as VAE files distributed alone name them) or a whole single-file
+/// checkpoint (its `first_stage_model.` tensors are used).
 fn load_vae(model: &StableDiffusion, path: &Path) -> anyhow::Result<()> {
-    let file = if path.is_dir() {
+    let file_path = if path.is_dir() {
         [
             "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.bin",
             "vae/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.bin",
         ]
         .iter()
         .map(|n| path.join(n))
         .find(|p| p.is_file())
         .with_context(|| {
             format!(
-                "{}: no diffusion_pytorch_model.safetensors (expected a Diffusers VAE folder)",
+                "{}: no diffusion_pytorch_model.safetensors or .bin (expected a Diffusers VAE folder)",
                 path.display()
             )
         })?
     } else {
         path.to_path_buf()
     };
-    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(&file)
-        .with_context(|| format!("reading VAE {}", file.display()))?
-        .into_iter()
-        .collect();
-    if tensors
-        .keys()
-        .any(|k| k.starts_with("encoder.down.") || k.starts_with("first_stage_model."))
-    {
-        bail!(
-            "{}: LDM-layout VAE files are not supported by --vae yet: convert it to a Diffusers VAE folder",
-            file.display()
-        );
+    let shown = file_path.display().to_string();
+    let file = TensorFile::open(&file_path).with_context(|| format!("reading VAE {shown}"))?;
+    let read = |name: &str| -> anyhow::Result<Tensor> {
+        let info = file
+            .info(name)
+            .with_context(|| format!("{shown}: no tensor info for {name}"))?;
+        let data = file
+            .data(name)
+            .with_context(|| format!("reading {name} from {shown}"))?;
+        from_bytes(
+            &format!("{shown} key {name}"),
+            info.dtype,
+            &info.shape,
+            data,
+        )
+        .map_err(anyhow::Error::msg)
+    };
+    let ldm_layout = file
+        .names()
+        .iter()
+        .any(|k| k.starts_with("encoder.down.") || k.starts_with("first_stage_model."));
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    if ldm_layout {
+        // Full single-file key -> name in this file, for the VAE's tensors only.
+        let keys: HashMap<String, &String> = file
+            .names()
+            .iter()
+            .filter_map(|k| ldm_vae_key(k).map(|full| (full, k)))
+            .collect();
+        let shapes: Vec<(&str, Vec<usize>)> = keys
+            .iter()
+            .map(|(full, orig)| {
+                let shape = file.info(orig).map(|i| i.shape.clone()).unwrap_or_default();
+                (full.as_str(), shape)
+            })
+            .collect();
+        let plan = plan_to_diffusers(
+            model.family,
+            shapes.iter().map(|(k, s)| (*k, s.as_slice())),
+            &shown,
+        )
+        .with_context(|| format!("mapping the LDM-layout VAE keys of {shown}"))?;
+        let targets = plan.targets(Component::Vae);
+        if targets.is_empty() {
+            bail!("{shown}: no VAE tensors found");
+        }
+        for target in targets {
+            let orig = keys
+                .get(&target.ldm_key)
+                .copied()
+                .unwrap_or(&target.ldm_key);
+            let src = read(orig)?;
+            let shape: Vec<i64> = target.shape.iter().map(|&d| d as i64).collect();
+            let t = match &target.op {
+                ToDiffusersOp::Copy => src,
+                ToDiffusersOp::Reshape => src.reshape(&shape),
+                other => bail!("{shown}: unexpected VAE key conversion {other:?} for {orig}"),
+            };
+            tensors.insert(target.key.clone(), t);
+        }
+    } else {
+        for name in file.names() {
+            tensors.insert(name.clone(), read(name)?);
+        }
     }
     let kind = model.vae_vs.kind();
     let device = model.vae_vs.device();
@@ -118,12 +194,12 @@ fn load_vae(model: &StableDiffusion, path: &Path) -> anyhow::Result<()> {
     sd_core::weights::load_var_store(
         &model.vae_vs,
         tensors,
-        &file.display().to_string(),
+        &shown,
         &[],
         sd_core::weights::LoadOptions::default(),
     )
-    .with_context(|| format!("loading VAE {}", file.display()))?;
-    tracing::info!("VAE replaced from {}", file.display());
+    .with_context(|| format!("loading VAE {shown}"))?;
+    tracing::info!("VAE replaced from {shown}");
     Ok(())
 }
 

@@ -256,3 +256,90 @@ fn pndm_and_dpmsingle_generate_images() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("at least 4 steps"));
 }
+
+#[test]
+fn vae_override_accepts_diffusers_folders_and_ldm_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture("tiny-sd15");
+    let run = |name: &str, vae: Option<&Path>| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "--ckpt".to_owned(),
+            model.display().to_string(),
+            "--prompt".to_owned(),
+            "a cat".to_owned(),
+            "--W".to_owned(),
+            "32".to_owned(),
+            "--H".to_owned(),
+            "32".to_owned(),
+            "--steps".to_owned(),
+            "2".to_owned(),
+            "--sampler".to_owned(),
+            "euler".to_owned(),
+            "--seed".to_owned(),
+            "3".to_owned(),
+            "--sequential_file_name".to_owned(),
+            "--outdir".to_owned(),
+            out.display().to_string(),
+            "--device".to_owned(),
+            "cpu".to_owned(),
+        ];
+        if let Some(v) = vae {
+            args.push("--vae".to_owned());
+            args.push(v.display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = gen_img(&args);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::fs::read(out.join("im_000001.png")).expect("png")
+    };
+    // An LDM-layout VAE file as distributed alone: the checkpoint's first_stage_model.*
+    // tensors without the prefix.
+    let whole = fixture("tiny-sd15.safetensors");
+    let vae: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(&whole)
+        .expect("checkpoint reads")
+        .into_iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("first_stage_model.")
+                .map(|s| (s.to_owned(), v))
+        })
+        .collect();
+    assert!(vae.iter().any(|(k, _)| k.starts_with("encoder.down.0.")));
+    let ldm = dir.path().join("vae-ldm.safetensors");
+    tch::Tensor::write_safetensors(&vae, &ldm).expect("write");
+    let shifted: Vec<(String, tch::Tensor)> = vae
+        .iter()
+        .map(|(k, v)| {
+            let v = if k == "decoder.conv_out.bias" {
+                v + 0.5
+            } else {
+                v.shallow_clone()
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    let ldm_shifted = dir.path().join("vae-shifted.safetensors");
+    tch::Tensor::write_safetensors(&shifted, &ldm_shifted).expect("write");
+
+    let base = run("base", None);
+    assert_eq!(
+        run("folder", Some(&model.join("vae"))),
+        base,
+        "Diffusers VAE folder"
+    );
+    assert_eq!(run("ldm", Some(&ldm)), base, "LDM-layout VAE file");
+    assert_eq!(
+        run("whole", Some(&whole)),
+        base,
+        "whole checkpoint as --vae"
+    );
+    assert_ne!(
+        run("shifted", Some(&ldm_shifted)),
+        base,
+        "a different VAE is used"
+    );
+}
