@@ -429,6 +429,9 @@ def lora_files():
     write("lora-alpha-not-scalar.safetensors",
           st_bytes([(f"{UNET_Q}.alpha", "F32", [2], f32(4.0, 4.0))] + lora_module(UNET_Q, 4, 32, 32)[0:2], meta))
     write("lora-no-tensors.safetensors", st_bytes([], meta))
+    # SD1/SD2 text-encoder name (lora_te_) beside an SDXL U-Net name (input_blocks) in one file.
+    write("lora-mixed-family-names.safetensors",
+          st_bytes(lora_module(TE_K, 4, 32, 32, 1.0) + lora_module(SDXL_Q, 4, 32, 32, 1.0), meta))
     # Right names for the tiny model, full-size SD1.5 shapes (320 channels).
     write("lora-wrong-shape-for-model.safetensors",
           st_bytes(lora_module(UNET_Q, 1, 320, 320, 1.0, dtype="F16",

@@ -52,6 +52,9 @@ const NOT_A_LORA: &[&str] = &[
 ];
 
 /// Which LoRA tool run a [`LoraCase`] row describes.
+///
+/// check-lora-weights prints its report and exits 1 when a module has a PROBLEM
+/// (docs/check-lora-weights.md); the report itself is not checked here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     /// `check-lora-weights FILE`.
@@ -95,13 +98,41 @@ const LORA_CASES: &[LoraCase] = &[
         1,
         "is a LoRA for SDXL but",
     ),
+    // A single input of one family is a valid svd-merge (re-approximation at a new rank);
+    // mixing families is refused (SVD_PAIR_CASES).
     ("lora-other-family-sdxl.safetensors", Mode::SvdMerge, 0, ""),
-    // LyCORIS algorithms: reported by the inspector, refused by the mergers.
+    // One file with SD1/SD2 and SDXL module names: no model takes both.
+    (
+        "lora-mixed-family-names.safetensors",
+        Mode::Check,
+        1,
+        "module names mix model families: lora_te_text_model_encoder_layers_0_self_attn_k_proj is an SD1.x/SD2.x name, lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q an SDXL name",
+    ),
+    (
+        "lora-mixed-family-names.safetensors",
+        Mode::MergeLoras,
+        1,
+        "module names mix model families",
+    ),
+    (
+        "lora-mixed-family-names.safetensors",
+        Mode::MergeModel,
+        1,
+        "is a LoRA for SDXL but",
+    ),
+    (
+        "lora-mixed-family-names.safetensors",
+        Mode::SvdMerge,
+        1,
+        "module names mix model families",
+    ),
+    // LyCORIS algorithms: reported by the inspector (exit 1 after the report), refused by the
+    // mergers.
     (
         "lora-unknown-algorithm-loha.safetensors",
         Mode::Check,
-        0,
-        "PROBLEM: unsupported algorithm keys",
+        1,
+        "unsupported algorithm keys",
     ),
     (
         "lora-unknown-algorithm-loha.safetensors",
@@ -124,8 +155,8 @@ const LORA_CASES: &[LoraCase] = &[
     (
         "lora-unknown-algorithm-lokr.safetensors",
         Mode::Check,
-        0,
-        "PROBLEM",
+        1,
+        "1 of 1 module(s) cannot be used as LoRA modules",
     ),
     (
         "lora-unknown-algorithm-lokr.safetensors",
@@ -198,8 +229,8 @@ const LORA_CASES: &[LoraCase] = &[
     (
         "lora-rank-mismatch.safetensors",
         Mode::Check,
-        0,
-        "PROBLEM: rank mismatch",
+        1,
+        "rank mismatch: down [4, 32] has 4 rows, up [32, 2] has 2 columns",
     ),
     (
         "lora-rank-mismatch.safetensors",
@@ -222,8 +253,8 @@ const LORA_CASES: &[LoraCase] = &[
     (
         "lora-down-without-up.safetensors",
         Mode::Check,
-        0,
-        "PROBLEM",
+        1,
+        "missing up weight",
     ),
     (
         "lora-down-without-up.safetensors",
@@ -243,7 +274,12 @@ const LORA_CASES: &[LoraCase] = &[
         1,
         "has no up weight",
     ),
-    ("lora-alpha-not-scalar.safetensors", Mode::Check, 0, ""),
+    (
+        "lora-alpha-not-scalar.safetensors",
+        Mode::Check,
+        1,
+        "alpha has 2 values, expected 1",
+    ),
     (
         "lora-alpha-not-scalar.safetensors",
         Mode::MergeLoras,
@@ -268,14 +304,24 @@ const LORA_CASES: &[LoraCase] = &[
         1,
         "no LoRA module found",
     ),
-    ("lora-no-tensors.safetensors", Mode::MergeLoras, 0, ""),
+    (
+        "lora-no-tensors.safetensors",
+        Mode::MergeLoras,
+        1,
+        "no LoRA module found",
+    ),
     (
         "lora-no-tensors.safetensors",
         Mode::MergeModel,
         1,
         "none of its 0 modules",
     ),
-    ("lora-no-tensors.safetensors", Mode::SvdMerge, 0, ""),
+    (
+        "lora-no-tensors.safetensors",
+        Mode::SvdMerge,
+        1,
+        "no LoRA module found",
+    ),
     // Tiny-model names with full-size shapes.
     (
         "lora-wrong-shape-for-model.safetensors",
@@ -301,7 +347,12 @@ const LORA_CASES: &[LoraCase] = &[
         0,
         "",
     ),
-    ("lora-integer-dtype.safetensors", Mode::Check, 0, "I64"),
+    (
+        "lora-integer-dtype.safetensors",
+        Mode::Check,
+        1,
+        "down weight has dtype I64, expected F16, BF16, F32 or F64",
+    ),
     (
         "lora-integer-dtype.safetensors",
         Mode::MergeLoras,
@@ -320,6 +371,24 @@ const LORA_CASES: &[LoraCase] = &[
         1,
         "unsupported dtype I64",
     ),
+];
+
+/// `svd-merge-lora --models lora-sd15 FILE --ratios 1 1`: (file, expected stderr text). Every
+/// row exits 1 naming FILE, and nothing is written.
+const SVD_PAIR_CASES: &[(&str, &str)] = &[
+    (
+        "lora-other-family-sdxl.safetensors",
+        "is for SD1.x/SD2.x (module lora_te_text_model_encoder_layers_0_mlp_fc1), ",
+    ),
+    (
+        "lora-other-family-sdxl.safetensors",
+        "lora-other-family-sdxl.safetensors is for SDXL (module lora_te1_text_model_encoder_layers_0_self_attn_k_proj)",
+    ),
+    (
+        "lora-mixed-family-names.safetensors",
+        "module names mix model families",
+    ),
+    ("lora-no-tensors.safetensors", "no LoRA module found"),
 ];
 
 /// Dataset configs given to `train-network --dataset_config` (all fail before the model loads).
@@ -787,4 +856,31 @@ fn issue_12_tools_being_written_refuse_bad_files_when_built() {
             check_run(&format!("{name} {file}"), file, &out, 1, "", &out_dir);
         }
     }
+}
+
+#[test]
+fn issue_12_svd_merge_lora_refuses_mixing_families() {
+    parallel(SVD_PAIR_CASES, |&(name, expected)| {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let out_dir = tmp.path().join("out");
+        fs::create_dir(&out_dir).expect("mkdir");
+        let out = Command::new(tool("svd-merge-lora"))
+            .arg("--models")
+            .arg(fixture("lora/lora-sd15.safetensors"))
+            .arg(corpus().join(name))
+            .args(["--ratios", "1", "1", "--new_rank", "2", "--save_to"])
+            .arg(out_dir.join("out.safetensors"))
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("running svd-merge-lora");
+        check_run(
+            &format!("svd-merge-lora lora-sd15 + {name}"),
+            name,
+            &out,
+            1,
+            expected,
+            &out_dir,
+        );
+    });
 }

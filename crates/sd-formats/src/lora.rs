@@ -215,9 +215,66 @@ impl LoraLayout {
     }
 }
 
+/// kohya module-name prefixes only SD1.x/SD2.x LoRAs use (Diffusers block paths, one text
+/// encoder).
+const SD1_ONLY_PREFIXES: &[&str] = &[
+    "lora_te_",
+    "lora_unet_down_blocks_",
+    "lora_unet_mid_block_",
+    "lora_unet_up_blocks_",
+];
+
+/// kohya module-name prefixes only SDXL LoRAs use (LDM block paths, two text encoders).
+const SDXL_ONLY_PREFIXES: &[&str] = &[
+    "lora_te1_",
+    "lora_te2_",
+    "lora_unet_input_blocks_",
+    "lora_unet_middle_block_",
+    "lora_unet_output_blocks_",
+];
+
+/// The first module name (in iteration order) that only an SD1.x/SD2.x LoRA has, and the first
+/// that only an SDXL LoRA has, among kohya module names (`lora_te_…`, `lora_unet_input_blocks_…`).
+///
+/// Names of other styles (Diffusers, PEFT) match neither. Both `Some` means the names mix two
+/// families: such a file cannot be applied to any one model.
+pub fn family_name_evidence<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> (Option<&'a str>, Option<&'a str>) {
+    let (mut sd1, mut sdxl) = (None, None);
+    for name in names {
+        if sd1.is_none() && SD1_ONLY_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            sd1 = Some(name);
+        }
+        if sdxl.is_none() && SDXL_ONLY_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            sdxl = Some(name);
+        }
+        if sd1.is_some() && sdxl.is_some() {
+            break;
+        }
+    }
+    (sd1, sdxl)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn family_name_evidence_finds_one_name_of_each_family() {
+        let sd1 = "lora_te_text_model_encoder_layers_0_mlp_fc1";
+        let sdxl = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q";
+        assert_eq!(
+            family_name_evidence([sd1, sdxl, "lora_te1_x"]),
+            (Some(sd1), Some(sdxl))
+        );
+        assert_eq!(family_name_evidence([sd1]), (Some(sd1), None));
+        assert_eq!(
+            family_name_evidence(["lora_te2_x", "unet.down_blocks.0.x"]),
+            (None, Some("lora_te2_x"))
+        );
+        assert_eq!(family_name_evidence([]), (None, None));
+    }
 
     #[test]
     fn kohya_keys_group_into_modules() {

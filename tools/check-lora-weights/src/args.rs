@@ -6,8 +6,11 @@ use clap::Parser;
 
 /// Print per-module rank, alpha, scale, dtype and ‖up·down‖ of a LoRA file, then its metadata.
 ///
-/// Reads .safetensors and PyTorch pickles (.pt/.ckpt/.bin, never executing them). Exit code 1
-/// when the file cannot be read, holds no LoRA module, or holds NaN/Inf values.
+/// Reads .safetensors and PyTorch pickles (.pt/.ckpt/.bin, never executing them). The report is
+/// printed in every case; the exit code is 1 when the file cannot be read, holds no LoRA
+/// module, holds NaN/Inf values, mixes SD1/SD2 and SDXL module names, or has a module with a
+/// PROBLEM (unsupported algorithm keys such as LoHa/LoKr, rank mismatch, missing half,
+/// non-scalar alpha, non-float dtype); 2 for usage errors; 0 otherwise.
 #[derive(Debug, Parser)]
 #[command(name = "check-lora-weights", version)]
 pub struct Args {

@@ -53,5 +53,27 @@ fn run(args: &args::Args) -> anyhow::Result<ExitCode> {
             report.non_finite.join(", ")
         );
     }
+    if let (Some(sd1), Some(sdxl)) =
+        sd_formats::lora::family_name_evidence(report.modules.iter().map(|m| m.name.as_str()))
+    {
+        anyhow::bail!(
+            "{}: module names mix model families: {sd1} is an SD1.x/SD2.x name, {sdxl} an SDXL name",
+            args.file.display()
+        );
+    }
+    let with_problems: Vec<String> = report
+        .modules
+        .iter()
+        .filter(|m| !m.problems.is_empty())
+        .map(|m| format!("{} ({})", m.name, m.problems.join("; ")))
+        .collect();
+    if let Some(first) = with_problems.first() {
+        anyhow::bail!(
+            "{}: {} of {} module(s) cannot be used as LoRA modules (see the PROBLEM lines), first: {first}",
+            args.file.display(),
+            with_problems.len(),
+            report.modules.len()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -120,6 +120,14 @@ impl Report {
                 Some(a) if a != 0.0 && rank > 0 => a / rank as f64,
                 _ => 1.0,
             };
+            for (half, info) in [("down", down_info), ("up", up_info)] {
+                if !info.dtype.is_float() {
+                    problems.push(format!(
+                        "{half} weight has dtype {:?}, expected F16, BF16, F32 or F64",
+                        info.dtype
+                    ));
+                }
+            }
             let norm_up_down = if rank == up_rank && rank > 0 {
                 let down = file
                     .to_f32_vec(down_key)

@@ -266,8 +266,13 @@ fn lycoris_and_peft_files_are_recognised() {
             ),
         ],
     );
-    let (code, stdout, _) = run(&[loha.to_str().expect("utf-8")]);
-    assert_eq!(code, 0, "{stdout}");
+    // Issue 12: the report is printed in full, and the unusable module makes the exit code 1.
+    let (code, stdout, stderr) = run(&[loha.to_str().expect("utf-8")]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stderr.contains("loha.safetensors: 1 of 1 module(s) cannot be used as LoRA modules"),
+        "{stderr}"
+    );
     assert!(stdout.contains("key style: LyCORIS"), "{stdout}");
     assert!(stdout.contains("PROBLEM: unsupported algorithm keys: lora_unet_conv_in.hada_w1_a, lora_unet_conv_in.hada_w1_b"), "{stdout}");
 

@@ -216,6 +216,23 @@ fn lora_plus_lora(args: &args::Args, loras: &[LoraInput]) -> anyhow::Result<Exit
     if args.v2 {
         tracing::warn!("--v2 has no effect without --sd_model (ss_v2 is carried from the inputs)");
     }
+    // Issue 12: an empty LoRA or one whose names mix families would be merged silently.
+    for l in loras {
+        if l.weights.modules.is_empty() {
+            bail!(
+                "{}: no LoRA module found (expected keys ending in .lora_down.weight/.lora_up.weight or .lora_A.weight/.lora_B.weight); nothing was written",
+                l.path.display()
+            );
+        }
+        if let (Some(sd1), Some(sdxl)) =
+            sd_formats::lora::family_name_evidence(l.weights.modules.keys().map(String::as_str))
+        {
+            bail!(
+                "{}: module names mix model families: {sd1} is an SD1.x/SD2.x name, {sdxl} an SDXL name; nothing was written",
+                l.path.display()
+            );
+        }
+    }
     if let Some(f) = loras.iter().find_map(|l| {
         let fam = l.weights.family?;
         loras

@@ -71,15 +71,11 @@ fn run(args: &args::Args) -> anyhow::Result<ExitCode> {
         tracing::info!("{}: {} module(s)", path.display(), w.modules.len());
         loaded.push(w);
     }
+    check_inputs(&args.models, &loaded)?;
     let sdxl: Vec<bool> = loaded
         .iter()
         .map(|w| w.family == Some(ModelFamily::Sdxl))
         .collect();
-    if sdxl.iter().any(|&s| s != sdxl[0]) {
-        bail!(
-            "the inputs are LoRAs for different model families (SDXL and SD1/SD2); nothing was written"
-        );
-    }
     let sources: Vec<SvdSource<'_>> = args
         .models
         .iter()
@@ -215,4 +211,49 @@ fn run(args: &args::Args) -> anyhow::Result<ExitCode> {
         merged.modules.len()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses inputs whose merge would be meaningless (issue 12): a file with no LoRA module, a
+/// file whose module names mix SD1/SD2 and SDXL, and inputs for different families (SDXL vs
+/// SD1/SD2). A single input of any one family is fine (re-approximation at a new rank).
+fn check_inputs(paths: &[std::path::PathBuf], loaded: &[LoraWeights]) -> anyhow::Result<()> {
+    use sd_formats::lora::family_name_evidence;
+    for (path, w) in paths.iter().zip(loaded) {
+        if w.modules.is_empty() {
+            bail!(
+                "{}: no LoRA module found (expected keys ending in .lora_down.weight/.lora_up.weight or .lora_A.weight/.lora_B.weight); nothing was written",
+                path.display()
+            );
+        }
+        if let (Some(sd1), Some(sdxl)) = family_name_evidence(w.modules.keys().map(String::as_str))
+        {
+            bail!(
+                "{}: module names mix model families: {sd1} is an SD1.x/SD2.x name, {sdxl} an SDXL name; nothing was written",
+                path.display()
+            );
+        }
+    }
+    let is_sdxl = |w: &LoraWeights| w.family == Some(ModelFamily::Sdxl);
+    // A module name that shows the family: a family-only prefix when there is one.
+    let example = |w: &LoraWeights| -> String {
+        let (sd1, sdxl) = family_name_evidence(w.modules.keys().map(String::as_str));
+        let name = if is_sdxl(w) { sdxl } else { sd1 };
+        name.or_else(|| w.modules.keys().next().map(String::as_str))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let first = &loaded[0];
+    if let Some(i) = loaded.iter().position(|w| is_sdxl(w) != is_sdxl(first)) {
+        let family = |w: &LoraWeights| if is_sdxl(w) { "SDXL" } else { "SD1.x/SD2.x" };
+        bail!(
+            "the inputs are LoRAs for different model families: {} is for {} (module {}), {} is for {} (module {}); nothing was written",
+            paths[0].display(),
+            family(first),
+            example(first),
+            paths[i].display(),
+            family(&loaded[i]),
+            example(&loaded[i])
+        );
+    }
+    Ok(())
 }
