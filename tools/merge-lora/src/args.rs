@@ -14,10 +14,11 @@ use sd_cli::{Precision, parse_precision};
 #[derive(Debug, Parser)]
 #[command(name = "merge-lora", version)]
 pub struct Args {
-    /// Checkpoint to merge into (.safetensors or .ckpt single file); absent: merge LoRAs with each other.
+    /// Checkpoint to merge into (.safetensors or .ckpt single file, or a Diffusers folder;
+    /// the output is a single file); absent: merge LoRAs with each other.
     #[arg(long = "sd_model", alias = "sd-model")]
     pub sd_model: Option<PathBuf>,
-    /// Output file (.safetensors).
+    /// Output file: .safetensors, or .ckpt/.pt/.pth/.bin for a PyTorch (torch.save) file.
     #[arg(long = "save_to", alias = "save-to", required = true)]
     pub save_to: PathBuf,
     /// LoRA files, applied in order.

@@ -16,10 +16,13 @@ use sd_core::merge::checkpoint::{
 };
 use sd_core::merge::lora_lora::{LoraMergeOptions, LoraSource, merge_loras};
 use sd_core::merge::source::CheckpointSource;
+use sd_core::merge::stream::TensorSpec;
+use sd_core::merge::torch_save::{TorchTopLevel, write_torch_checkpoint};
 use sd_core::merge::{input_title, is_same_file, now_iso, parse_device};
 use sd_formats::dtype::Dtype;
 use sd_formats::family::ModelFamily;
 use sd_formats::metadata::{ModelSpecInput, PyValue, py_float_repr};
+use sd_formats::tensor_file::TensorFile;
 
 fn main() -> ExitCode {
     let args = args::Args::parse();
@@ -58,12 +61,14 @@ fn run(args: &args::Args) -> anyhow::Result<ExitCode> {
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or("");
-    if !ext.eq_ignore_ascii_case("safetensors") {
-        bail!(
-            "--save_to {}: only .safetensors output is supported (pickled .ckpt/.pt output is not)",
+    let torch_output = match ext.to_ascii_lowercase().as_str() {
+        "safetensors" => false,
+        "ckpt" | "pt" | "pth" | "bin" => true,
+        _ => bail!(
+            "--save_to {}: the extension decides the format: .safetensors, or .ckpt/.pt/.pth/.bin for a PyTorch (torch.save) file",
             args.save_to.display()
-        );
-    }
+        ),
+    };
     for input in args.models.iter().chain(args.sd_model.iter()) {
         if is_same_file(&args.save_to, input) {
             bail!(
@@ -95,8 +100,8 @@ fn run(args: &args::Args) -> anyhow::Result<ExitCode> {
         });
     }
     match &args.sd_model {
-        Some(model) => into_checkpoint(args, model, &loras, device),
-        None => lora_plus_lora(args, &loras),
+        Some(model) => into_checkpoint(args, model, &loras, device, torch_output),
+        None => lora_plus_lora(args, &loras, torch_output),
     }
 }
 
@@ -105,9 +110,17 @@ fn into_checkpoint(
     model: &Path,
     loras: &[LoraInput],
     device: tch::Device,
+    torch_output: bool,
 ) -> anyhow::Result<ExitCode> {
     if args.concat || args.shuffle || args.reference_compatible {
         tracing::warn!("--concat/--shuffle/--reference_compatible have no effect with --sd_model");
+    }
+    if device == tch::Device::Cpu && std::env::var_os("OMP_NUM_THREADS").is_none() {
+        // Merging into a checkpoint is bound by memory bandwidth and I/O: a rank-r GEMM per
+        // key is small, and libtorch's spinning worker threads cost more than they give on a
+        // busy machine (measured on 2 cores: 37 s with 2 threads, 10 s with 1; see
+        // docs/performance.md). OMP_NUM_THREADS overrides.
+        tch::set_num_threads(1);
     }
     let ckpt = CheckpointSource::open(model)
         .with_context(|| format!("reading checkpoint {}", model.display()))?;
@@ -159,7 +172,13 @@ fn into_checkpoint(
             plan.modified_keys()
         ),
     }
-    let metadata = if args.no_metadata {
+    if torch_output {
+        tracing::info!(
+            "{}: PyTorch checkpoint {{\"state_dict\", \"epoch\": 0, \"global_step\": 0}} (it holds no metadata)",
+            args.save_to.display()
+        );
+    }
+    let metadata = if args.no_metadata || torch_output {
         None
     } else {
         let mut m: BTreeMap<String, String> = ckpt.metadata().clone();
@@ -190,6 +209,10 @@ fn into_checkpoint(
         factor_kind: sd_core::tensor::kind_of(dtype_of(args.precision)).unwrap_or(tch::Kind::Float),
         device,
         metadata,
+        torch: torch_output.then_some(TorchTopLevel::StateDict {
+            epoch: 0,
+            global_step: 0,
+        }),
     };
     let bar = sd_cli::progress_bar(ckpt.len() as u64, "merging", &args.verbosity);
     let bytes = write_merged_checkpoint(&ckpt, &plan, loras, &args.save_to, &opts, &mut |d, _| {
@@ -212,7 +235,11 @@ fn stem(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn lora_plus_lora(args: &args::Args, loras: &[LoraInput]) -> anyhow::Result<ExitCode> {
+fn lora_plus_lora(
+    args: &args::Args,
+    loras: &[LoraInput],
+    torch_output: bool,
+) -> anyhow::Result<ExitCode> {
     if args.v2 {
         tracing::warn!("--v2 has no effect without --sd_model (ss_v2 is carried from the inputs)");
     }
@@ -357,10 +384,46 @@ fn lora_plus_lora(args: &args::Args, loras: &[LoraInput]) -> anyhow::Result<Exit
         modelspec,
         ..Default::default()
     };
-    merged
-        .weights
-        .save(&args.save_to, &save)
+    if torch_output {
+        // Small file: save as safetensors next to the output, then re-write its tensors as a
+        // PyTorch file (`torch.save(state_dict)`, as sd-scripts; no metadata).
+        let dir = match args.save_to.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = tempfile::Builder::new()
+            .suffix(".safetensors")
+            .tempfile_in(&dir)
+            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        merged
+            .weights
+            .save(tmp.path(), &save)
+            .with_context(|| format!("writing {}", tmp.path().display()))?;
+        let f = TensorFile::open(tmp.path())?;
+        let specs: Vec<TensorSpec> = f
+            .names()
+            .iter()
+            .map(|n| {
+                let i = f.info(n).expect("names come from the file");
+                TensorSpec {
+                    name: n.clone(),
+                    dtype: i.dtype,
+                    shape: i.shape.clone(),
+                }
+            })
+            .collect();
+        write_torch_checkpoint(&args.save_to, &specs, TorchTopLevel::Tensors, |i| {
+            Ok(std::borrow::Cow::Borrowed(f.data(&specs[i].name)?))
+        })
         .with_context(|| format!("writing {}", args.save_to.display()))?;
+        tracing::info!("PyTorch file: no metadata written");
+    } else {
+        merged
+            .weights
+            .save(&args.save_to, &save)
+            .with_context(|| format!("writing {}", args.save_to.display()))?;
+    }
     tracing::info!(
         "wrote {} ({} modules)",
         args.save_to.display(),

@@ -771,3 +771,57 @@ fn unmatched_modules_are_listed_and_the_rest_applied() {
     ]);
     assert_same_tensors(&out, &plain, &[]);
 }
+
+#[test]
+fn pytorch_checkpoint_output_holds_the_same_tensors() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sd15, lora) = (
+        fixture("tiny-sd15.safetensors"),
+        fixture("lora/lora-sd15.safetensors"),
+    );
+    // Checkpoint mode: {"state_dict": …, "epoch": 0, "global_step": 0}.
+    let (ckpt, st) = (dir.path().join("m.ckpt"), dir.path().join("m.safetensors"));
+    for out in [&ckpt, &st] {
+        ok(&[
+            "--sd_model",
+            s(&sd15),
+            "--models",
+            s(&lora),
+            "--ratios",
+            "0.8",
+            "--save_to",
+            s(out),
+        ]);
+    }
+    let f = TensorFile::open(&ckpt).expect("our reader opens the .ckpt");
+    assert_eq!(f.format(), sd_formats::tensor_file::Format::Checkpoint);
+    assert_same_tensors(&ckpt, &st, &[]);
+    // LoRA + LoRA: a plain tensor dict.
+    let (pt, st2) = (dir.path().join("l.pt"), dir.path().join("l.safetensors"));
+    for out in [&pt, &st2] {
+        ok(&[
+            "--models",
+            s(&lora),
+            s(&lora),
+            "--ratios",
+            "0.5",
+            "0.3",
+            "--concat",
+            "--save_to",
+            s(out),
+        ]);
+    }
+    assert_same_tensors(&pt, &st2, &[]);
+    // Other extensions are refused before any work.
+    let o = tool(&[
+        "--models",
+        s(&lora),
+        "--ratios",
+        "1",
+        "--save_to",
+        s(&dir.path().join("x.onnx")),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the extension decides the format"));
+}

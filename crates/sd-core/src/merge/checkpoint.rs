@@ -23,6 +23,7 @@ use tch::{Device, Kind, Tensor};
 use super::source::{CheckpointSource, tensor_bytes};
 use super::stream::{TensorSpec, write_streaming};
 use super::targets::{Target, lora_targets};
+use super::torch_save::{TorchTopLevel, write_torch_checkpoint};
 use super::{MergeError, Result, preview};
 use crate::lora::LoraWeights;
 use crate::tensor::{from_bytes, kind_of};
@@ -147,6 +148,38 @@ pub fn delta_weight(
         .to_kind(Kind::Float)
         .reshape([r, -1]);
     (up.mm(&down) * ratio * scale).reshape(shape)
+}
+
+/// `w2 ← w2 + coefficient · up ⊗ down` in place, one GEMM (`addmm_`), for `w2` an f32
+/// `[out, in·k·k]` matrix (or a row block of one) on `device`.
+///
+/// `factor_kind` is the precision the factors are rounded to first (`--precision`); the
+/// product and the sum are f32. The coefficient (ratio · scale) is applied to the small `up`
+/// factor before the product, so no full-size temporary is made.
+///
+/// # Shapes
+/// `w2`: `[out, in·k·k]` f32; `up`: `[out, r]` or `[out, r, 1, 1]`; `down`: `[r, in(, k, k)]`.
+pub fn add_delta_(
+    w2: &mut Tensor,
+    up: &Tensor,
+    down: &Tensor,
+    coefficient: f64,
+    factor_kind: Kind,
+    device: Device,
+) {
+    let r = down.size()[0];
+    let up = up
+        .to_device(device)
+        .to_kind(factor_kind)
+        .to_kind(Kind::Float)
+        .reshape([-1, r])
+        * coefficient;
+    let down = down
+        .to_device(device)
+        .to_kind(factor_kind)
+        .to_kind(Kind::Float)
+        .reshape([r, -1]);
+    let _ = w2.addmm_(&up, &down);
 }
 
 /// Checks every LoRA against the checkpoint's header (family, names, shapes, finiteness)
@@ -278,12 +311,16 @@ pub struct CheckpointWriteOptions {
     pub factor_kind: Kind,
     /// Where ΔW is computed.
     pub device: Device,
-    /// Metadata to write; `None` writes none.
+    /// Metadata to write; `None` writes none (a PyTorch checkpoint never has any).
     pub metadata: Option<BTreeMap<String, String>>,
+    /// `None`: write safetensors; `Some(top)`: a PyTorch zip checkpoint (`.ckpt`) pickling
+    /// `top` (sd-scripts: `{"state_dict", "epoch", "global_step"}`).
+    pub torch: Option<TorchTopLevel>,
 }
 
-/// Streams the merged checkpoint to `out` (safetensors); `progress(done, total)` is called
-/// after each key. Returns the bytes written.
+/// Streams the merged checkpoint to `out` (safetensors, or a PyTorch checkpoint when
+/// `opts.torch` is set); `progress(done, total)` is called after each key. Returns the bytes
+/// written.
 ///
 /// # Errors
 /// [`MergeError::Invalid`] for a key whose dtype libtorch cannot hold; the writer's errors.
@@ -313,7 +350,7 @@ pub fn write_merged_checkpoint(
     }
     let total = names.len();
     let mut done = 0usize;
-    write_streaming(out, &specs, opts.metadata.as_ref(), |i| {
+    let produce = |i: usize| {
         let name = &names[i];
         let info = ckpt.info(name).expect("names come from the file");
         let data = ckpt.data(name)?;
@@ -329,7 +366,11 @@ pub fn write_merged_checkpoint(
             Some(list) => {
                 let base = from_bytes(name, info.dtype, &info.shape, &data)
                     .map_err(MergeError::Invalid)?;
-                let mut w = base.to_device(opts.device).to_kind(Kind::Float);
+                let w = base.to_device(opts.device).to_kind(Kind::Float);
+                // [out, in·k·k] view of W: each ΔW is added in place by one GEMM
+                // (W ← W + (ratio·scale·up)·down), with no full-size temporaries.
+                let rows_total = info.shape.first().copied().unwrap_or(1) as i64;
+                let w2 = w.view([rows_total, -1]);
                 for d in list {
                     let lora = &loras[d.lora];
                     let t = &lora.weights.modules[&d.module];
@@ -341,26 +382,18 @@ pub fn write_merged_checkpoint(
                         }
                         .row_range(info.shape[0])
                     });
-                    let mut slice_shape: Vec<i64> = info.shape.iter().map(|&x| x as i64).collect();
-                    if let Some((a, b)) = range {
-                        slice_shape[0] = (b - a) as i64;
-                    }
-                    let dw = delta_weight(
+                    let mut part = match range {
+                        Some((a, b)) => w2.narrow(0, a as i64, (b - a) as i64),
+                        None => w2.shallow_clone(),
+                    };
+                    add_delta_(
+                        &mut part,
                         &t.up,
                         &t.down,
-                        lora.ratio,
-                        t.scale(),
-                        &slice_shape,
+                        lora.ratio * t.scale(),
                         opts.factor_kind,
                         opts.device,
                     );
-                    match range {
-                        Some((a, b)) => {
-                            let mut part = w.narrow(0, a as i64, (b - a) as i64);
-                            let _ = part.g_add_(&dw);
-                        }
-                        None => w += dw,
-                    }
                 }
                 let kind = kind_of(out_dtype).ok_or_else(|| {
                     MergeError::Invalid(format!(
@@ -373,5 +406,9 @@ pub fn write_merged_checkpoint(
         done += 1;
         progress(done, total);
         Ok(result)
-    })
+    };
+    match opts.torch {
+        None => write_streaming(out, &specs, opts.metadata.as_ref(), produce),
+        Some(top) => write_torch_checkpoint(out, &specs, top, produce),
+    }
 }

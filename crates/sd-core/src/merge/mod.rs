@@ -9,6 +9,7 @@
 //!   single-file keys.
 //! - [`lora_lora`]: LoRA + LoRA (exact by default, the reference's arithmetic on request).
 //! - [`svd`]: truncated SVD with the reference's quantile clamp; svd-merge; extraction.
+//! - [`torch_save`]: a streaming writer of PyTorch zip checkpoints (`.ckpt`/`.pt` output).
 //! - [`stream`]: a safetensors writer that asks for each tensor's bytes only when it writes
 //!   it, so peak memory stays near one tensor plus the mapped inputs.
 //!
@@ -24,6 +25,7 @@ pub mod source;
 pub mod stream;
 pub mod svd;
 pub mod targets;
+pub mod torch_save;
 
 use std::path::PathBuf;
 
