@@ -29,7 +29,10 @@ use crate::lora::{ComponentLayers, LoraNetwork, LoraWeights};
 
 pub use encode::{EmbNormalize, TextOptions};
 pub use pipeline::{GenerationSettings, ImageSpec, SdxlSize, txt2img};
-pub use prompt::{SamplePrompt, parse_prompt_attention, parse_prompt_line, read_sample_prompts};
+pub use prompt::{
+    SamplePrompt, check_sample_prompts, parse_prompt_attention, parse_prompt_line,
+    read_sample_prompts,
+};
 pub use sampler::{Sampler, SamplerConfig, SamplerKind};
 
 /// Result type of the generation functions.

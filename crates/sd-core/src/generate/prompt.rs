@@ -7,7 +7,9 @@
 
 use std::path::Path;
 
+use super::sampler::{Sampler, SamplerConfig, SamplerKind};
 use super::{GenerateError, Result};
+use crate::schedule::PredictionType;
 
 /// A piece of prompt text with its attention weight.
 #[derive(Debug, Clone, PartialEq)]
@@ -385,12 +387,19 @@ fn apply_option(o: &mut PromptOptions, piece: &str, training: bool) -> bool {
         o.file_name = Some(piece[2..].trim().to_owned());
         return true;
     }
-    // Deep Shrink / Gradual Latent overrides are accepted and have no effect here.
-    [
+    // Deep Shrink / Gradual Latent overrides are accepted; they would change the image
+    // upstream, so the user is told they have no effect here.
+    let known = [
         "dsd1", "dst1", "dsd2", "dst2", "dsr", "glt", "glr", "gle", "gls", "glsn", "glus",
     ]
     .iter()
-    .any(|p| lower.starts_with(p))
+    .any(|p| lower.starts_with(p));
+    if known {
+        tracing::warn!(
+            "prompt option \"--{piece}\" (Deep Shrink / Gradual Latent) has no effect: not available in this port"
+        );
+    }
+    known
 }
 
 /// Reads gen_img's `--from_file`: UTF-8, one prompt per line; empty lines and lines starting
@@ -623,9 +632,92 @@ pub fn read_sample_prompts(path: &Path) -> Result<Vec<SamplePrompt>> {
             path.display()
         )));
     }
-    Ok(options
+    let prompts: Vec<SamplePrompt> = options
         .into_iter()
         .enumerate()
         .map(|(i, o)| SamplePrompt::from_options(i, o))
-        .collect())
+        .collect();
+    // Per-prompt samplers are checked now too, not at the first sample.
+    for p in &prompts {
+        if let Some(name) = &p.sampler {
+            check_sample_prompt(p, name.parse()?).map_err(|e| {
+                GenerateError::Invalid(format!("{}: prompt {}: {e}", path.display(), p.index))
+            })?;
+        }
+    }
+    Ok(prompts)
+}
+
+fn check_sample_prompt(p: &SamplePrompt, kind: SamplerKind) -> Result<()> {
+    Sampler::new(
+        SamplerConfig::training_sample(kind, PredictionType::Epsilon),
+        p.sample_steps,
+    )
+    .map(drop)
+}
+
+/// Checks that every sample prompt can be sampled: its own sampler (`--ss`) or `default`
+/// (train-network's `--sample_sampler`) with its step count (`pndm` needs at least 4 steps).
+/// Call it with [`read_sample_prompts`]'s result when training starts.
+///
+/// # Errors
+/// [`GenerateError::Invalid`] naming the prompt (0-based index in the file) and the cause.
+pub fn check_sample_prompts(prompts: &[SamplePrompt], default: SamplerKind) -> Result<()> {
+    for p in prompts {
+        let kind = match &p.sampler {
+            Some(name) => name.parse()?,
+            None => default,
+        };
+        check_sample_prompt(p, kind).map_err(|e| {
+            GenerateError::Invalid(format!("sample prompt {} (\"{}\"): {e}", p.index, p.prompt))
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn sample_prompt_samplers_are_checked_when_read() {
+        let (_d, path) = write("p.txt", "a cat --ss euler_a\na dog --ss nope\n");
+        let err = read_sample_prompts(&path).expect_err("unknown sampler");
+        assert!(
+            err.to_string().contains("unknown sampler \"nope\""),
+            "{err}"
+        );
+        let (_d, path) = write("p.txt", "a cat --ss pndm --s 3\n");
+        let err = read_sample_prompts(&path).expect_err("pndm with 3 steps");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("p.txt: prompt 0") && msg.contains("at least 4 steps"),
+            "{msg}"
+        );
+        let (_d, path) = write(
+            "p.json",
+            r#"[{"prompt": "x", "sample_sampler": "dpmsingle"}]"#,
+        );
+        let prompts = read_sample_prompts(&path).expect("dpmsingle is fine");
+        assert_eq!(prompts[0].sampler.as_deref(), Some("dpmsingle"));
+    }
+
+    #[test]
+    fn check_sample_prompts_uses_the_default_sampler() {
+        let (_d, path) = write("p.txt", "a cat --s 3\na dog --ss euler --s 3\n");
+        let prompts = read_sample_prompts(&path).expect("prompts");
+        check_sample_prompts(&prompts, SamplerKind::Euler).expect("euler, 3 steps");
+        let err = check_sample_prompts(&prompts, SamplerKind::Pndm).expect_err("pndm, 3 steps");
+        assert!(
+            err.to_string().contains("sample prompt 0 (\"a cat\")"),
+            "{err}"
+        );
+    }
 }
