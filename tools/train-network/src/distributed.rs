@@ -186,7 +186,10 @@ pub fn join(
 ) -> anyhow::Result<Option<ProcessGroup>> {
     let Some(env) = launch.env.as_ref().filter(|e| e.world_size > 1) else {
         if launch.num_processes > 1 {
-            bail!("--num_processes {}: this process was expected to start the workers", launch.num_processes);
+            bail!(
+                "--num_processes {}: this process was expected to start the workers",
+                launch.num_processes
+            );
         }
         return Ok(None);
     };
@@ -241,7 +244,11 @@ impl TrainObserver for Worker {
             && v.split_once(':')
                 .is_some_and(|(r, s)| r == self.rank.to_string() && s == report.step.to_string())
         {
-            tracing::error!("{TEST_ABORT}: rank {} aborts at step {}", self.rank, report.step);
+            tracing::error!(
+                "{TEST_ABORT}: rank {} aborts at step {}",
+                self.rank,
+                report.step
+            );
             std::process::abort();
         }
     }
