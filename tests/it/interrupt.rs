@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use sd_formats::safetensors::SafetensorsFile;
 use sd_testutil::fixture;
 
-use crate::tools::tool;
+use crate::tools::{optional_tool, tool};
 
 fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
@@ -160,6 +160,44 @@ fn issue_12_sigint_saves_lora_and_state_exits_130_and_resume_continues() {
     );
     assert!(resumed.contains(&format!("step {target} ")), "{resumed}");
     assert!(out_dir.join("ä run.safetensors").is_file(), "{resumed}");
+
+    // Exactness: an uninterrupted run of `target` steps ends with the same tensors, bit for bit
+    // (CPU; the metadata differs by its dates).
+    let reference_dir = root.join("reference");
+    let mut cmd = Command::new(tool("train-network"));
+    common(&mut cmd);
+    let out = cmd
+        .args(["--max_train_steps", &target.to_string(), "--output_dir"])
+        .arg(&reference_dir)
+        .output()
+        .expect("uninterrupted train-network");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resumed_file = SafetensorsFile::open(out_dir.join("ä run.safetensors")).expect("loads");
+    let reference_file =
+        SafetensorsFile::open(reference_dir.join("ä run.safetensors")).expect("loads");
+    let mut names = reference_file.names().to_vec();
+    names.sort();
+    let mut resumed_names = resumed_file.names().to_vec();
+    resumed_names.sort();
+    assert_eq!(resumed_names, names);
+    for name in &names {
+        assert!(
+            resumed_file.data(name).expect("data") == reference_file.data(name).expect("data"),
+            "{name}: resumed after SIGINT at step {step} differs from an uninterrupted run"
+        );
+    }
+    // The comparison is not vacuous: the interrupted LoRA (step {step}) differs.
+    assert!(
+        names
+            .iter()
+            .any(|n| file.data(n).ok() != reference_file.data(n).ok()),
+        "training did not change the weights"
+    );
 }
 
 /// Key set of the output a complete merge writes.
@@ -273,6 +311,92 @@ fn issue_12_outputs_never_overwrite_inputs() {
             before,
             "{bin} changed its input"
         );
+    }
+    // merge-lora into a checkpoint: --save_to = --sd_model.
+    let model = tmp.path().join("model é.safetensors");
+    fs::copy(fixture("tiny-sd15.safetensors"), &model).expect("copy");
+    let model_before = fs::read(&model).expect("read");
+    let out = Command::new(tool("merge-lora"))
+        .arg("--sd_model")
+        .arg(&model)
+        .arg("--models")
+        .arg(&input)
+        .args(["--ratios", "1", "--save_to"])
+        .arg(&model)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("running merge-lora");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refusing to overwrite it"), "{stderr}");
+    // extract-lora-from-models: --save_to = --model_tuned.
+    if let Some(bin) = optional_tool("extract-lora-from-models") {
+        let out = Command::new(bin)
+            .arg("--model_org")
+            .arg(fixture("tiny-sd15.safetensors"))
+            .arg("--model_tuned")
+            .arg(&model)
+            .arg("--save_to")
+            .arg(&model)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("running extract-lora-from-models");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("refusing to overwrite it"), "{stderr}");
+    }
+    assert_eq!(fs::read(&model).expect("read"), model_before);
+    // extract-lora-from-dylora writes <stem>-<rank:04>.safetensors: an input under that name.
+    if let Some(bin) = optional_tool("extract-lora-from-dylora") {
+        let dylora = tmp.path().join("dy ö-0002.safetensors");
+        fs::copy(fixture("lora/dylora-sd15.safetensors"), &dylora).expect("copy");
+        let dy_before = fs::read(&dylora).expect("read");
+        let out = Command::new(bin)
+            .arg("--model")
+            .arg(&dylora)
+            .args(["--unit", "2", "--save_to"])
+            .arg(tmp.path().join("dy ö.safetensors"))
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("running extract-lora-from-dylora");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("refusing to overwrite the input file"),
+            "{stderr}"
+        );
+        assert_eq!(fs::read(&dylora).expect("read"), dy_before);
+    }
+    // train-network: --network_weights under a name the outputs use, in --output_dir
+    // (refused before the dataset is read or the model loaded).
+    for weights_name in [
+        "ä.safetensors",
+        "ä-000001.safetensors",
+        "ä-interrupted.safetensors",
+    ] {
+        let weights = tmp.path().join(weights_name);
+        fs::copy(&input, &weights).expect("copy");
+        let out = Command::new(tool("train-network"))
+            .arg("--pretrained_model_name_or_path")
+            .arg(fixture("tiny-sd15"))
+            .arg("--train_data_dir")
+            .arg(tmp.path().join("no data here"))
+            .arg("--output_dir")
+            .arg(tmp.path())
+            .args(["--output_name", "ä", "--network_module", "networks.lora"])
+            .arg("--network_weights")
+            .arg(&weights)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("running train-network");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{weights_name}: {stderr}");
+        assert!(
+            stderr.contains(weights_name) && stderr.contains("could be overwritten or removed"),
+            "{weights_name}: {stderr}"
+        );
+        assert_eq!(fs::read(&weights).expect("read"), before);
+        fs::remove_file(&weights).expect("rm");
     }
     // resize-images refuses DST_DIR = SRC_DIR.
     let out = Command::new(tool("resize-images"))

@@ -7,6 +7,7 @@ mod compat;
 mod config_file;
 mod distributed;
 mod options;
+mod overwrite;
 mod run;
 
 use std::process::ExitCode;
@@ -69,6 +70,9 @@ fn body(parsed: args::Parsed) -> anyhow::Result<ExitCode> {
             print!("{}", options.to_toml()?);
         }
         return Ok(ExitCode::SUCCESS);
+    }
+    if !options.dataset.debug_dataset {
+        overwrite::refuse_outputs_over_inputs(&options)?;
     }
     let datasets = options.resolve_datasets()?;
     for warning in datasets.warnings.iter().filter(|_| !quiet_parent) {
