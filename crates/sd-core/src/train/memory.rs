@@ -269,8 +269,7 @@ pub fn unet_activation_values(
     // Down path: the skip connections' channels, in push order.
     let mut skips: Vec<u64> = vec![c0];
     let mut c_prev = c0;
-    for level in 0..levels {
-        let c = channels[level];
+    for (level, &c) in channels.iter().enumerate() {
         let n = cells_at(level);
         for _ in 0..layers {
             blocks.push((resnet_values(c_prev, c, n), c_prev * n));
