@@ -411,3 +411,91 @@ fn issue_12_outputs_never_overwrite_inputs() {
     );
     assert_eq!(fs::read(&input).expect("read"), before);
 }
+
+/// What a SIGKILLed training run leaves in its output folder must be usable: every
+/// `*.safetensors` complete, every `*-state` folder complete; temporary names only otherwise.
+fn assert_outputs_complete(out_dir: &Path, what: &str) {
+    for e in fs::read_dir(out_dir).expect("out dir") {
+        let path = e.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        if name.ends_with(".safetensors") {
+            SafetensorsFile::open(&path)
+                .unwrap_or_else(|e| panic!("{what}: partial file {name}: {e}"));
+        } else if name.ends_with("-state") {
+            for part in ["network.safetensors", "optimizer.safetensors"] {
+                SafetensorsFile::open(path.join(part))
+                    .unwrap_or_else(|e| panic!("{what}: partial state {name}/{part}: {e}"));
+            }
+            let json = fs::read_to_string(path.join("train_state.json"))
+                .unwrap_or_else(|e| panic!("{what}: {name}/train_state.json: {e}"));
+            assert!(json.trim_end().ends_with('}'), "{what}: {name}: {json}");
+        } else {
+            // tempfile names: hidden (".state-…", ".tmp…").
+            assert!(name.starts_with('.'), "{what}: unexpected {name}");
+        }
+    }
+}
+
+#[test]
+fn issue_12_sigkill_while_training_saves_leaves_only_complete_outputs() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = tmp.path().join("data");
+    tiny_dataset(&data);
+    // Kill right after the third "saved" line (a state save follows at once), then a little
+    // later: two moments inside the save sequence of a step.
+    for (round, delay_ms) in [(0, 0u64), (1, 30)] {
+        let out_dir = tmp.path().join(format!("out {round}"));
+        let mut child = Command::new(tool("train-network"))
+            .arg("--pretrained_model_name_or_path")
+            .arg(fixture("tiny-sd15"))
+            .arg("--train_data_dir")
+            .arg(&data)
+            .arg("--output_dir")
+            .arg(&out_dir)
+            .args([
+                "--resolution",
+                "64",
+                "--caption_extension",
+                ".txt",
+                "--network_module",
+                "networks.lora",
+                "--output_name",
+                "k",
+                "--max_train_steps",
+                "100000",
+                "--save_every_n_steps",
+                "1",
+                "--save_state",
+                "--no_progress",
+            ])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting train-network");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
+        let mut saved = 0;
+        let mut log = String::new();
+        for line in lines.by_ref() {
+            let line = line.expect("stderr line");
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains("saved ") {
+                saved += 1;
+                if saved == 3 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(saved, 3, "round {round}: no saves logged:\n{log}");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        assert_outputs_complete(&out_dir, &format!("round {round}"));
+    }
+}
