@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use sd_core::generate::dynamic::{expand_dynamic_prompt, has_dynamic_prompt};
 use sd_core::generate::encode::{EmbNormalize, TextOptions};
 use sd_core::generate::png::{encode_png, py_float, write_atomically};
 use sd_core::generate::prompt::{PromptOptions, read_prompt_file};
@@ -290,6 +291,34 @@ fn jobs(args: &Args, lines: &[String], base: &GenerationSettings) -> Vec<Job> {
         let iter_seed = args.iter_same_seed.then(|| rng.randint_u32_range());
         for line in lines {
             let o = parse_prompt_line(line);
+            if has_dynamic_prompt(&o.raw_prompt) {
+                // §5.4: one seed per image (--d first, then the seed generator), variant i
+                // resolved with seed i; the variants' own options are parsed per variant.
+                let mut seeds = o.seeds.clone().unwrap_or_default();
+                seeds.truncate(args.images_per_prompt.max(1));
+                while seeds.len() < args.images_per_prompt.max(1) {
+                    seeds.push(match (iter_seed, single, args.seed) {
+                        (Some(s), _, _) => s,
+                        (None, true, Some(s)) => s,
+                        _ => rng.randint_u32_range(),
+                    });
+                }
+                for (variant, seed) in expand_dynamic_prompt(&o.raw_prompt, &seeds) {
+                    let v = parse_prompt_line(&variant);
+                    out.push(Job {
+                        spec: ImageSpec {
+                            prompt: v.prompt.clone(),
+                            negative_prompt: v.negative_prompt.clone().unwrap_or_default(),
+                            seed,
+                        },
+                        settings: line_settings(base, &v),
+                        multipliers: v.network_multipliers.clone(),
+                        options: v.clone(),
+                        file_name: v.file_name.clone(),
+                    });
+                }
+                continue;
+            }
             let settings = line_settings(base, &o);
             let mut line_seeds = o.seeds.clone().unwrap_or_default().into_iter();
             let mut prev: Option<u64> = None;

@@ -343,3 +343,60 @@ fn vae_override_accepts_diffusers_folders_and_ldm_files() {
         "a different VAE is used"
     );
 }
+
+#[test]
+fn dynamic_prompts_pick_variants_with_each_image_seed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture("tiny-sd15");
+    let o = gen_img(&[
+        "--ckpt",
+        model.to_str().expect("utf-8"),
+        "--prompt",
+        "a {red|green|blue} cat, {big|small} --d 5,6 --n {x|y}",
+        "--images_per_prompt",
+        "2",
+        "--W",
+        "32",
+        "--H",
+        "32",
+        "--steps",
+        "1",
+        "--sampler",
+        "euler",
+        "--outdir",
+        dir.path().to_str().expect("utf-8"),
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    // Python: random.Random(5) / Random(6), the three groups drawn from last to first.
+    let got: Vec<(String, u64)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["prompt"].as_str().expect("prompt").to_owned(),
+                l["seed"].as_u64().expect("seed"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("a blue cat, small".to_owned(), 5),
+            ("a red cat, big".to_owned(), 6)
+        ]
+    );
+    let file = Path::new(lines[0]["file"].as_str().expect("file")).to_path_buf();
+    assert_eq!(text(&file, "prompt").as_deref(), Some("a blue cat, small"));
+    assert_eq!(text(&file, "negative-prompt").as_deref(), Some("y"));
+    assert_eq!(
+        text(&file, "raw-prompt").as_deref(),
+        Some("a blue cat, small --n y")
+    );
+}

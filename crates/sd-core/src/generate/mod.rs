@@ -14,6 +14,7 @@
 //! # Source
 //! `../shared/spec/generation.md`; training.md §12 for [`sample_images`].
 
+pub mod dynamic;
 pub mod encode;
 pub mod pipeline;
 pub mod png;
@@ -162,6 +163,65 @@ impl PyRandom {
         y ^= (y << 7) & 0x9d2c_5680;
         y ^= (y << 15) & 0xefc6_0000;
         y ^ (y >> 18)
+    }
+
+    /// `getrandbits(k)` for k ≤ 32: the top k bits of one output.
+    fn getrandbits(&mut self, k: u32) -> u64 {
+        if k == 0 {
+            return 0;
+        }
+        u64::from(self.next_u32() >> (32 - k))
+    }
+
+    /// `_randbelow(n)` (CPython 3.11): k = bit length of n, k-bit draws rejected until below n.
+    /// `n` in 1..=2³²−1.
+    fn randbelow(&mut self, n: u64) -> u64 {
+        let k = 64 - n.leading_zeros();
+        loop {
+            let r = self.getrandbits(k);
+            if r < n {
+                return r;
+            }
+        }
+    }
+
+    /// `randint(a, b)` for b − a < 2³² − 1 (one `_randbelow(b − a + 1)`, even when a = b).
+    pub fn randint(&mut self, a: u64, b: u64) -> u64 {
+        a + self.randbelow(b - a + 1)
+    }
+
+    /// The indices `random.sample(range(n), k)` picks, in order (CPython 3.11: a shrinking
+    /// pool for small n, rejection of repeats otherwise). `k` ≤ `n`.
+    pub fn sample_indices(&mut self, n: usize, k: usize) -> Vec<usize> {
+        let mut setsize = 21usize;
+        if k > 5 {
+            // 4 ** ceil(log4(3k))
+            let mut p = 1usize;
+            while p < k * 3 {
+                p *= 4;
+            }
+            setsize += p;
+        }
+        let mut out = Vec::with_capacity(k);
+        if n <= setsize {
+            let mut pool: Vec<usize> = (0..n).collect();
+            for i in 0..k {
+                let j = self.randbelow((n - i) as u64) as usize;
+                out.push(pool[j]);
+                pool[j] = pool[n - i - 1];
+            }
+        } else {
+            let mut selected = std::collections::HashSet::new();
+            for _ in 0..k {
+                let mut j = self.randbelow(n as u64) as usize;
+                while selected.contains(&j) {
+                    j = self.randbelow(n as u64) as usize;
+                }
+                selected.insert(j);
+                out.push(j);
+            }
+        }
+        out
     }
 
     /// `randint(0, 2**32 - 1)`: 33-bit draws rejected until below 2³².
