@@ -6,7 +6,8 @@
 //!   or from `SD_GLOO_INCLUDE` (the folder that holds `gloo/`). Only c10d symbols of
 //!   `libtorch_cpu.so` are referenced, so nothing links against the system libgloo.
 //! - NCCL (`cfg(sd_dist_nccl)`): needs `libtorch_cuda.so` and the CUDA + NCCL headers
-//!   (`nccl.h`, `cuda_runtime_api.h`, `crt/host_config.h`, `nv/target`), found in
+//!   (`nccl.h`, `cuda_runtime_api.h`, `crt/host_config.h`, `nv/target`, and the cuSPARSE,
+//!   cuBLAS and cuSOLVER headers that `ATen/cuda/CUDAContext.h` includes), found in
 //!   `SD_NCCL_INCLUDE` (folders separated by `:`) or in the `nvidia/*/include` folders of the
 //!   torch wheel's site-packages.
 //!
@@ -179,11 +180,16 @@ fn nccl_includes(lib: &Path) -> Option<Vec<PathBuf>> {
                 .unwrap_or_default()
         }
     };
+    // ProcessGroupNCCL.hpp reaches ATen/cuda/CUDAContext.h, which includes the cuSPARSE,
+    // cuBLAS and cuSOLVER headers too (the full torch wheel install brings them).
     let needed = [
         "nccl.h",
         "cuda_runtime_api.h",
         "crt/host_config.h",
         "nv/target",
+        "cusparse.h",
+        "cublas_v2.h",
+        "cusolverDn.h",
     ];
     needed
         .iter()

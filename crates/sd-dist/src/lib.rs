@@ -618,6 +618,7 @@ pub fn broadcast_params(group: &ProcessGroup, params: &[Tensor], root: usize) ->
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

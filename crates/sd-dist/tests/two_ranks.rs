@@ -3,6 +3,8 @@
 //! other's collective fail within the timeout instead of hanging.
 //! Skipped, with a printed reason, when the build has no Gloo.
 
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 

@@ -184,13 +184,8 @@ pub fn join(
     cfg: &mut TrainConfig,
     scan: &mut DatasetScan,
 ) -> anyhow::Result<Option<ProcessGroup>> {
+    // The launch variables win over --num_processes (a worker, or a world of one).
     let Some(env) = launch.env.as_ref().filter(|e| e.world_size > 1) else {
-        if launch.num_processes > 1 {
-            bail!(
-                "--num_processes {}: this process was expected to start the workers",
-                launch.num_processes
-            );
-        }
         return Ok(None);
     };
     let cuda = cfg.device.is_cuda();
