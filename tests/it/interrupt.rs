@@ -499,3 +499,92 @@ fn issue_12_sigkill_while_training_saves_leaves_only_complete_outputs() {
         assert_outputs_complete(&out_dir, &format!("round {round}"));
     }
 }
+
+#[test]
+fn issue_12_paths_with_spaces_and_non_ascii_names_work_in_every_tool() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let root = tmp.path().join("dir ü 日本");
+    fs::create_dir(&root).expect("mkdir");
+    let lora = root.join("lora ß é.safetensors");
+    fs::copy(fixture("lora/lora-sd15.safetensors"), &lora).expect("copy");
+    let run = |cmd: &mut Command, what: &str| {
+        let out = cmd
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("running tool");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{what}: {stderr}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let stdout = run(
+        Command::new(tool("check-lora-weights")).arg(&lora),
+        "check-lora-weights",
+    );
+    assert!(stdout.contains("modules: 264"), "{stdout}");
+    for (bin, extra, out_name) in [
+        ("merge-lora", vec!["--concat"], "merged ö.safetensors"),
+        (
+            "svd-merge-lora",
+            vec!["--new_rank", "2"],
+            "svd ñ.safetensors",
+        ),
+    ] {
+        let save = root.join(out_name);
+        run(
+            Command::new(tool(bin))
+                .arg("--models")
+                .arg(&lora)
+                .arg(&lora)
+                .args(["--ratios", "0.5", "0.5"])
+                .args(&extra)
+                .arg("--save_to")
+                .arg(&save),
+            bin,
+        );
+        SafetensorsFile::open(&save).unwrap_or_else(|e| panic!("{bin}: {e}"));
+    }
+    let src = root.join("images é");
+    fs::create_dir(&src).expect("mkdir");
+    fs::copy(
+        fixture("train-images/10_tok photo/astronaut.jpg"),
+        src.join("astronaut ü.jpg"),
+    )
+    .expect("copy image");
+    fs::write(src.join("astronaut ü.txt"), "tok").expect("caption");
+    let dst = root.join("resized ä");
+    run(
+        Command::new(tool("resize-images"))
+            .args(["--max_resolution", "8x8", "--no_progress"])
+            .arg(&src)
+            .arg(&dst),
+        "resize-images",
+    );
+    let mut produced: Vec<String> = fs::read_dir(&dst)
+        .expect("dst")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    produced.sort();
+    // The resized image beside copies of the original and its caption.
+    assert_eq!(
+        produced,
+        ["astronaut ü+8x8.jpg", "astronaut ü.jpg", "astronaut ü.txt"]
+    );
+    let prompts = root.join("prompts ö.txt");
+    fs::write(&prompts, "a cat --n dog\n").expect("prompts");
+    let outdir = root.join("images out ß");
+    run(
+        Command::new(tool("gen-img"))
+            .arg("--ckpt")
+            .arg(fixture("tiny-sd15"))
+            .arg("--network_weights")
+            .arg(&lora)
+            .arg("--from_file")
+            .arg(&prompts)
+            .args(["--steps", "1", "--W", "64", "--H", "64", "--device", "cpu"])
+            .args(["--seed", "1", "--outdir"])
+            .arg(&outdir),
+        "gen-img",
+    );
+    assert_eq!(fs::read_dir(&outdir).expect("outdir").count(), 1);
+}
