@@ -34,6 +34,8 @@ fn main() {
         );
         return;
     };
+    // This crate's own tests and examples link libtorch through tch even with the stub.
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     if disabled {
         unavailable("it was built with SD_DIST_DISABLE set");
         return;
@@ -103,7 +105,6 @@ fn main() {
                 }
                 println!("cargo:rustc-link-lib=dylib=torch_cpu");
                 println!("cargo:rustc-link-lib=dylib=c10");
-                println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
                 let missing: Vec<&str> = [(!with_gloo, "gloo"), (!with_nccl, "nccl")]
                     .iter()
                     .filter(|(m, _)| *m)
