@@ -211,6 +211,19 @@ mod tests {
         (a - b).abs().max().double_value(&[])
     }
 
+    /// Without a GPU the query answers `None` (here: the CUDA runtime is loaded, as libtorch
+    /// links it, but reports no device); with one, plausible figures.
+    #[test]
+    fn cuda_memory_query() {
+        if tch::Cuda::is_available() {
+            let (free, total) = cuda_memory_info(0).expect("device 0");
+            assert!(total > 0 && free <= total, "{free} of {total}");
+        } else {
+            assert_eq!(cuda_memory_info(0), None);
+        }
+        assert_eq!(cuda_memory_info(usize::MAX), None);
+    }
+
     /// A small residual MLP chain: the checkpointed gradients of the parameters and of the
     /// input are bit-identical to plain autograd's.
     #[test]
