@@ -88,6 +88,9 @@ pub fn run(
                 .sampler
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--sample_sampler: {e}"))?;
+            // Per-prompt samplers and step counts (e.g. pndm needs 4 steps) fail now too.
+            sd_core::generate::check_sample_prompts(&prompts, sampler)
+                .with_context(|| format!("--sample_prompts {}", path.display()))?;
             tracing::info!("{} sample prompt(s) from {}", prompts.len(), path.display());
             Some(Sampling {
                 prompts,

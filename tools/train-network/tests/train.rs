@@ -381,3 +381,34 @@ fn dataset_problems_are_reported_before_the_model_loads() {
     );
     assert!(!stderr.contains("loading model"), "{stderr}");
 }
+
+#[test]
+fn sample_prompt_problems_are_reported_before_training() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = dataset(tmp.path(), &["astronaut.jpg"], 1);
+    let prompts = tmp.path().join("prompts.txt");
+    // pndm needs at least 4 steps (its Runge-Kutta warm-up); the default sampler is euler_a.
+    std::fs::write(&prompts, "a photo --ss pndm --s 3\n").expect("write prompts");
+    let out = tmp.path().join("out");
+    let model = fixture("tiny-sd15");
+    let mut args = common(
+        model.to_str().expect("utf-8"),
+        data.to_str().expect("utf-8"),
+        out.to_str().expect("utf-8"),
+    );
+    let prompts_arg = prompts.to_str().expect("utf-8").to_owned();
+    args.extend(["--sample_prompts", &prompts_arg, "--max_train_steps", "2"]);
+    let (code, stderr) = train(&args);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("prompts.txt") && stderr.contains("pndm"),
+        "the prompt file and sampler are named: {stderr}"
+    );
+    let written: Vec<_> = std::fs::read_dir(&out)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        !written.iter().any(|n| n.to_string_lossy().ends_with(".safetensors")),
+        "no LoRA written: {written:?}"
+    );
+}
