@@ -408,6 +408,8 @@ fn train_config(o: &TrainOptions, scan: &DatasetScan) -> anyhow::Result<TrainCon
         },
         no_half_vae: o.model.no_half_vae,
         gradient_checkpointing: opt.gradient_checkpointing,
+        full_half: opt.full_fp16 || opt.full_bf16,
+        lowram: o.model.lowram,
         network_module: net.module.clone(),
         network: network_options,
         dylora_unit,
@@ -419,8 +421,6 @@ fn train_config(o: &TrainOptions, scan: &DatasetScan) -> anyhow::Result<TrainCon
             rank_dropout: net.args.rank_dropout,
             module_dropout: net.args.module_dropout,
         },
-        full_half: opt.full_fp16 || opt.full_bf16,
-        lowram: o.model.lowram,
         network_args: net
             .args_map
             .iter()

@@ -62,3 +62,99 @@ pub fn read(path: &Path, device: Device) -> Result<Vec<(String, Tensor)>, TrainE
     }
     Ok(out)
 }
+
+/// Puts the complete folder `new` at `dir`, replacing any folder there, so that at every
+/// moment `dir` names either the old or the new folder in full (a SIGKILL between the steps
+/// never leaves `dir` missing).
+///
+/// On Linux the two are swapped in one `renameat2(RENAME_EXCHANGE)` call and the old folder
+/// (then at `new`) is deleted; where the file system or OS lacks the exchange, the old folder
+/// is moved to a hidden sibling first, `new` renamed in, and the old one deleted — `dir` is then
+/// briefly missing, and the old state stays complete under `.<name>.old-*`.
+///
+/// # Errors
+/// I/O errors of the renames or the deletion.
+pub fn replace_dir(new: &Path, dir: &Path) -> std::io::Result<()> {
+    if !dir.exists() {
+        return std::fs::rename(new, dir);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        if exchange(new, dir).is_ok() {
+            return std::fs::remove_dir_all(new);
+        }
+    }
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "state".to_owned());
+    let aside = tempfile::Builder::new()
+        .prefix(&format!(".{name}.old-"))
+        .tempdir_in(parent)?
+        .keep();
+    // `aside` exists as an empty folder; rename onto an empty folder replaces it on Unix.
+    std::fs::rename(dir, &aside)?;
+    std::fs::rename(new, dir)?;
+    std::fs::remove_dir_all(&aside)
+}
+
+/// Swaps two paths atomically (Linux `renameat2` with `RENAME_EXCHANGE`).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let to_c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (ca, cb) = (to_c(a)?, to_c(b)?);
+    // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call;
+    // AT_FDCWD makes relative paths resolve against the current directory, as std does.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_dir;
+
+    #[test]
+    fn replace_dir_swaps_in_the_new_folder_and_removes_the_old() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("run-state");
+        let new = tmp.path().join(".state-new");
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::write(dir.join("train_state.json"), "old").expect("write");
+        std::fs::create_dir(&new).expect("mkdir");
+        std::fs::write(new.join("train_state.json"), "new").expect("write");
+        replace_dir(&new, &dir).expect("replace");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("train_state.json")).expect("read"),
+            "new"
+        );
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("run-state")]);
+        // And into a missing destination.
+        let other = tmp.path().join("second-state");
+        std::fs::create_dir(&new).expect("mkdir");
+        replace_dir(&new, &other).expect("rename");
+        assert!(other.is_dir() && !new.exists());
+    }
+}

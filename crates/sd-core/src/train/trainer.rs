@@ -177,11 +177,6 @@ pub struct TrainConfig {
     /// trained) is recomputed during backward instead of keeping its activations
     /// ([`crate::models::checkpoint`]); same gradients, less memory, about one extra forward.
     pub gradient_checkpointing: bool,
-    // --- network
-    /// `networks.lora` or `networks.dylora` (recorded in metadata).
-    pub network_module: String,
-    /// Ranks and alphas.
-    pub network: NetworkOptions,
     /// `--full_fp16` / `--full_bf16`: the LoRA weights, and so their gradients, are cast to the
     /// mixed-precision type too (`mixed_precision` must be `Fp16` / `Bf16`: [`train`] refuses
     /// `No`). The fp16 loss scaler still runs; the optimiser keeps f32 state and updates
@@ -190,6 +185,11 @@ pub struct TrainConfig {
     /// `--lowram`: recorded as `ss_lowram`. Models are always loaded straight to the device
     /// (docs/performance.md, "Loading and --lowram"), so it changes nothing else.
     pub lowram: bool,
+    // --- network
+    /// `networks.lora` or `networks.dylora` (recorded in metadata).
+    pub network_module: String,
+    /// Ranks and alphas.
+    pub network: NetworkOptions,
     /// Whether `--network_dim` was given (the reference writes `None` otherwise).
     pub network_dim_given: bool,
     /// Whether `--network_alpha` was given as a float (`1.0`) rather than left at the integer
@@ -535,6 +535,11 @@ impl<'a> Run<'a> {
                 "nothing to train: both the U-Net and the text encoder are excluded".into(),
             ));
         }
+        if cfg.full_half && cfg.mixed_precision == MixedPrecision::No {
+            return Err(TrainError::Invalid(
+                "--full_fp16 / --full_bf16 require --mixed_precision fp16 / bf16".into(),
+            ));
+        }
         let kind = cfg.mixed_precision.kind();
         let vae_kind = if cfg.no_half_vae { Kind::Float } else { kind };
         observer.info(&format!("loading model {}", cfg.model.display()));
@@ -570,11 +575,6 @@ impl<'a> Run<'a> {
         let mut network = LoraNetwork::create_with_blocks(
             model.family,
             &components,
-        if cfg.full_half && cfg.mixed_precision == MixedPrecision::No {
-            return Err(TrainError::Invalid(
-                "--full_fp16 / --full_bf16 require --mixed_precision fp16 / bf16".into(),
-            ));
-        }
             &cfg.network,
             block_ranks.as_ref(),
             cfg.dropouts,
@@ -592,6 +592,10 @@ impl<'a> Run<'a> {
                 path.display(),
                 network.len()
             ));
+        }
+        if cfg.full_half {
+            // sd-scripts: `network.to(weight_dtype)` (spec training.md §6.8).
+            network.set_kind(kind);
         }
         network.apply();
         network.set_train(true);
@@ -628,10 +632,6 @@ impl<'a> Run<'a> {
         for (component, params) in network.parameters() {
             if component == Component::Unet {
                 unet_params.extend(params)
-        if cfg.full_half {
-            // sd-scripts: `network.to(weight_dtype)` (spec training.md §6.8).
-            network.set_kind(kind);
-        }
             } else {
                 te_params.extend(params)
             }
@@ -687,6 +687,7 @@ impl<'a> Run<'a> {
         let base_lrs: Vec<f64> = groups.iter().map(|g| g.lr).collect();
         let group_names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
         let optimizer = cfg.optimizer.build(groups);
+        super::memory::report_for_run(cfg, scan, &model, &network);
 
         let plan = StepPlan::new(
             scan.num_batches(),
@@ -722,7 +723,6 @@ impl<'a> Run<'a> {
             None => None,
         };
         // TensorBoard: `<logging_dir>/<YYYYmmddHHMMSS>/network_train/` (spec §12.4).
-        super::memory::report_for_run(cfg, scan, &model, &network);
         let tensorboard = match cfg.logging_dir.as_ref().filter(|_| is_main) {
             Some(dir) => {
                 let run_dir = dir
@@ -1031,11 +1031,7 @@ impl<'a> Run<'a> {
         let vae_kind = self.model.vae_vs.kind();
         let chunk = self.cfg.vae_batch_size.max(1);
         let mut out = Vec::new();
-        for (ci, (imgs, names)) in images
-            .chunks(chunk)
-            .zip(paths.chunks(chunk))
-            .enumerate()
-        {
+        for (ci, (imgs, names)) in images.chunks(chunk).zip(paths.chunks(chunk)).enumerate() {
             let pixels: Vec<Tensor> = imgs
                 .iter()
                 .map(|i| {
@@ -1127,10 +1123,14 @@ impl<'a> Run<'a> {
                     let mut f = img.clone();
                     flip_chw(&mut f);
                     Some(
-                        self.encode_images(std::slice::from_ref(&f), &[entry.path.as_path()], None)?
-                            .squeeze_dim(0)
-                            .to_kind(Kind::Float)
-                            .to_device(Device::Cpu),
+                        self.encode_images(
+                            std::slice::from_ref(&f),
+                            &[entry.path.as_path()],
+                            None,
+                        )?
+                        .squeeze_dim(0)
+                        .to_kind(Kind::Float)
+                        .to_device(Device::Cpu),
                     )
                 } else {
                     None
@@ -1855,11 +1855,9 @@ impl<'a> Run<'a> {
             serde_json::to_string_pretty(&state).map_err(|e| TrainError::Invalid(e.to_string()))?;
         let state_path = tmp.path().join("train_state.json");
         std::fs::write(&state_path, json).map_err(io_err(&state_path))?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(io_err(dir))?;
-        }
+        // Swapped in whole: `dir` always names a complete state (state_file::replace_dir).
         let kept = tmp.keep();
-        std::fs::rename(&kept, dir).map_err(io_err(dir))?;
+        super::state_file::replace_dir(&kept, dir).map_err(io_err(dir))?;
         Ok(())
     }
 
