@@ -408,7 +408,9 @@ fn sample_prompt_problems_are_reported_before_training() {
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(
-        !written.iter().any(|n| n.to_string_lossy().ends_with(".safetensors")),
+        !written
+            .iter()
+            .any(|n| n.to_string_lossy().ends_with(".safetensors")),
         "no LoRA written: {written:?}"
     );
 }
