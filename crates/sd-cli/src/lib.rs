@@ -124,6 +124,43 @@ pub enum Precision {
     BF16,
 }
 
+/// Runs the tool binary `tool` that lies next to this program with `leading` arguments in
+/// front of this program's own: the body of the thin sd-scripts alias binaries
+/// (`sdxl-train-network`, `sdxl-merge-lora`). On Unix this process is replaced (`exec`), so
+/// signals (Ctrl-C) and the exit code are the tool's; elsewhere the tool's exit code is
+/// passed on.
+///
+/// # Errors
+/// Returns [`EXIT_FAILURE`] after one `error:` line on stderr when the tool cannot be
+/// located or started.
+pub fn run_alias(tool: &str, leading: &[&str]) -> ExitCode {
+    let name = format!("{tool}{}", std::env::consts::EXE_SUFFIX);
+    let exe = match std::env::current_exe() {
+        Ok(p) => p.with_file_name(name),
+        Err(e) => {
+            report_error(&anyhow::anyhow!("cannot locate this program: {e}"));
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.args(leading).args(std::env::args_os().skip(1));
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let err = cmd.exec();
+        report_error(&anyhow::anyhow!("cannot run {}: {err}", exe.display()));
+        ExitCode::from(EXIT_FAILURE)
+    }
+    #[cfg(not(unix))]
+    match cmd.status() {
+        Ok(s) => ExitCode::from(s.code().map_or(EXIT_FAILURE, |c| c.clamp(0, 255) as u8)),
+        Err(e) => {
+            report_error(&anyhow::anyhow!("cannot run {}: {e}", exe.display()));
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

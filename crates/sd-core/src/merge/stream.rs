@@ -128,6 +128,44 @@ pub fn write_streaming<'d>(
     Ok(written)
 }
 
+/// Checks that a file just written for `dest` holds exactly `specs` (count, names, dtypes and
+/// shapes), given its tensor count and a lookup of its headers.
+///
+/// # Errors
+/// [`MergeError::Invalid`] naming `dest` and the first difference.
+pub(super) fn check_written<'a>(
+    dest: &Path,
+    specs: &[TensorSpec],
+    count: usize,
+    info: impl Fn(&str) -> Option<&'a sd_formats::safetensors::TensorInfo>,
+) -> Result<()> {
+    let bad = |reason: String| {
+        MergeError::Invalid(format!(
+            "{}: written file failed verification: {reason}",
+            dest.display()
+        ))
+    };
+    if count != specs.len() {
+        return Err(bad(format!(
+            "expected {} tensors, found {count}",
+            specs.len()
+        )));
+    }
+    for s in specs {
+        match info(&s.name) {
+            Some(i) if i.dtype == s.dtype && i.shape == s.shape => {}
+            Some(i) => {
+                return Err(bad(format!(
+                    "\"{}\": expected {} {:?}, found {} {:?}",
+                    s.name, s.dtype, s.shape, i.dtype, i.shape
+                )));
+            }
+            None => return Err(bad(format!("\"{}\" is missing", s.name))),
+        }
+    }
+    Ok(())
+}
+
 fn verify(
     dest: &Path,
     tmp: &Path,
@@ -141,25 +179,7 @@ fn verify(
         ))
     };
     let f = SafetensorsFile::open(tmp)?;
-    if f.len() != specs.len() {
-        return Err(bad(format!(
-            "expected {} tensors, found {}",
-            specs.len(),
-            f.len()
-        )));
-    }
-    for s in specs {
-        match f.info(&s.name) {
-            Some(i) if i.dtype == s.dtype && i.shape == s.shape => {}
-            Some(i) => {
-                return Err(bad(format!(
-                    "\"{}\": expected {} {:?}, found {} {:?}",
-                    s.name, s.dtype, s.shape, i.dtype, i.shape
-                )));
-            }
-            None => return Err(bad(format!("\"{}\" is missing", s.name))),
-        }
-    }
+    check_written(dest, specs, f.len(), |name| f.info(name))?;
     let empty = BTreeMap::new();
     if f.metadata() != metadata.unwrap_or(&empty) {
         return Err(bad("metadata differs".into()));

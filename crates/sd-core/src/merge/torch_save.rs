@@ -269,31 +269,6 @@ pub fn write_torch_checkpoint<'d>(
 }
 
 fn verify(dest: &Path, tmp: &Path, specs: &[TensorSpec]) -> Result<()> {
-    let bad = |reason: String| {
-        MergeError::Invalid(format!(
-            "{}: written file failed verification: {reason}",
-            dest.display()
-        ))
-    };
     let f = CkptFile::open(tmp)?;
-    if f.len() != specs.len() {
-        return Err(bad(format!(
-            "expected {} tensors, found {}",
-            specs.len(),
-            f.len()
-        )));
-    }
-    for s in specs {
-        match f.info(&s.name) {
-            Some(i) if i.dtype == s.dtype && i.shape == s.shape => {}
-            Some(i) => {
-                return Err(bad(format!(
-                    "\"{}\": expected {} {:?}, found {} {:?}",
-                    s.name, s.dtype, s.shape, i.dtype, i.shape
-                )));
-            }
-            None => return Err(bad(format!("\"{}\" is missing", s.name))),
-        }
-    }
-    Ok(())
+    super::stream::check_written(dest, specs, f.len(), |name| f.info(name))
 }
